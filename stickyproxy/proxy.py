@@ -1,0 +1,226 @@
+"""The WebDriver port (:8910): aiohttp handlers that place new sessions, pin them, and forward
+every other command to the one backend that holds its session.
+
+Decisions come from pure modules (webdriver.classify, routing.choose, routing.may_retry_elsewhere);
+this module does the I/O. Bodies are parsed only for `POST /session`, where the session id must be
+learned; every other request and answer streams through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from .backends import Backend, Pool
+from .health import DOWN
+from .routing import Attempt, choose, may_retry_elsewhere
+from .sessions import EndReason, Session, SessionTable
+from .upstream import HOP_BY_HOP, NotConnected, Response, UpstreamError
+from .webdriver import Kind, WebDriverError, classify, session_id_of
+
+log = logging.getLogger("stickyproxy")
+
+POOL = web.AppKey("pool", Pool)
+SESSIONS = web.AppKey("sessions", SessionTable)
+TIMEOUT = web.AppKey("backend_timeout", float)
+
+BACKEND_HEADER = "X-Stickyproxy-Backend"
+_BUFFER_LIMIT = 1 << 20  # bodies up to this are forwarded whole; larger ones stream
+_JSON = "application/json; charset=utf-8"
+
+
+def error_response(err: WebDriverError, backend: str | None = None) -> web.Response:
+    headers = dict(err.headers)
+    if backend:
+        headers[BACKEND_HEADER] = backend
+    return web.Response(status=err.status, body=err.body(), content_type="application/json",
+                        charset="utf-8", headers=headers)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    try:
+        route = classify(request.method, request.rel_url.raw_path)
+        if route.kind is Kind.SESSION or route.kind is Kind.DELETE_SESSION:
+            return await _session_command(request, route.session_id, route.kind)
+        if route.kind is Kind.NEW_SESSION:
+            return await _new_session(request)
+        if route.kind is Kind.STATUS:
+            return _status(request.app[POOL])
+        raise WebDriverError.unknown_command(request.method, request.rel_url.raw_path)
+    except WebDriverError as err:
+        return error_response(err)
+
+
+def _status(pool: Pool) -> web.Response:
+    up = sum(1 for b in pool if b.health.up)
+    ready = up > 0
+    message = f"{up} of {len(pool.backends)} backends up" if ready else "no backend is up"
+    return web.json_response({"value": {"ready": ready, "message": message}})
+
+
+async def _body(request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+    """The request body whole when small or absent, else a stream (with its length if known)."""
+    length = request.content_length
+    if not request.body_exists:
+        return None, 0
+    if length is not None and length <= _BUFFER_LIMIT:
+        return await request.read(), length
+    return request.content.iter_any(), length
+
+
+async def _session_command(request: web.Request, sid: str, kind: Kind) -> web.StreamResponse:
+    sessions = request.app[SESSIONS]
+    session = sessions.get(sid)
+    if session is None:
+        ended = sessions.why_ended(sid)
+        if ended is None:
+            raise WebDriverError.invalid_session(sid, "no such session on this proxy")
+        raise WebDriverError.invalid_session(
+            sid, f"ended on backend {ended.backend_id}: {ended.reason.value}"
+                 + (f" ({ended.detail})" if ended.detail else ""))
+    pool = request.app[POOL]
+    backend = pool.get(session.backend_id)
+    if backend is None or backend.health.state == DOWN:
+        why = (backend.last_check.reason if backend and backend.last_check else "removed")
+        raise WebDriverError.backend_unavailable(sid, session.backend_id, f"down: {why}")
+    session.last_used = time.monotonic()
+    session.requests += 1
+    backend.requests_total += 1
+    body, length = await _body(request)
+    try:
+        answer = await backend.upstream.request(
+            request.method, request.rel_url.raw_path_qs, request.raw_headers, body,
+            length=length, timeout=request.app[TIMEOUT])
+    except (NotConnected, UpstreamError, TimeoutError) as exc:
+        backend.errors_total += 1
+        why = str(exc) or f"no answer within {request.app[TIMEOUT]:g}s"
+        log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', sid, backend.id, why)
+        if kind is Kind.DELETE_SESSION:
+            sessions.end(sid, EndReason.CLIENT_DELETE, f"delete not confirmed: {why}")
+        raise WebDriverError.backend_unavailable(sid, backend.id, why) from None
+    if kind is Kind.DELETE_SESSION:
+        # Forwarded and answered: whatever the backend said, the client is done with it.
+        sessions.end(sid, EndReason.CLIENT_DELETE)
+    return await _relay(request, answer, backend)
+
+
+async def _relay(request: web.Request, answer: Response, backend: Backend) -> web.StreamResponse:
+    """Send a backend's answer on to the client: whole when small, streamed when large."""
+    try:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in answer.headers
+                   if k.lower() not in HOP_BY_HOP]
+        headers.append((BACKEND_HEADER, backend.id))
+        length = answer.header(b"content-length")
+        if length is not None and int(length) <= _BUFFER_LIMIT:
+            body = await answer.read()
+            return web.Response(status=answer.status, body=body, headers=headers)
+        response = web.StreamResponse(status=answer.status, headers=headers)
+        if length is not None:
+            response.content_length = int(length)
+        await response.prepare(request)
+        async for chunk in answer.chunks():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    except (UpstreamError, TimeoutError) as exc:
+        backend.errors_total += 1
+        log.warning('PROXY_ERROR backend=%s reason="%s"', backend.id, exc)
+        raise WebDriverError.unknown(f"backend {backend.id} failed mid-answer: {exc}") from None
+    finally:
+        answer.release()
+
+
+async def _new_session(request: web.Request) -> web.StreamResponse:
+    pool, sessions = request.app[POOL], request.app[SESSIONS]
+    body = await request.read()
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WebDriverError.invalid_argument(f"new session body is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise WebDriverError.invalid_argument("new session body must be a JSON object")
+    cookie = request.headers.get("Cookie")
+    tried: list[str] = []
+    while True:
+        backend_id = choose(pool.candidates(exclude=tried), cookie)
+        if backend_id is None:
+            raise WebDriverError.session_not_created(_no_backend_message(pool, tried))
+        backend = pool.backends[backend_id]
+        backend.pending += 1
+        attempt = Attempt.NOT_CONNECTED
+        try:
+            answer = await backend.upstream.request(
+                "POST", request.rel_url.raw_path_qs, request.raw_headers, body,
+                timeout=request.app[TIMEOUT], fresh=True)
+            attempt = Attempt.ANSWERED
+            data = await answer.read()
+        except (NotConnected, UpstreamError, TimeoutError) as exc:
+            if not isinstance(exc, NotConnected):
+                attempt = Attempt.SENT
+            backend.errors_total += 1
+            why = str(exc) or "no answer in time"
+            if may_retry_elsewhere(attempt):
+                log.warning('SESSION_RETRY backend=%s reason="%s"', backend_id, why)
+                tried.append(backend_id)
+                continue
+            log.warning('SESSION_NOT_CREATED backend=%s reason="%s"', backend_id, why)
+            raise WebDriverError.session_not_created(
+                f"backend {backend_id} failed after the request was sent ({why}); "
+                "not retried elsewhere, so no second session is started") from None
+        finally:
+            backend.pending -= 1
+        try:
+            return _pin_new_session(request, sessions, backend, answer, data, cookie)
+        finally:
+            answer.release()
+
+
+def _pin_new_session(request: web.Request, sessions: SessionTable, backend: Backend,
+                     answer: Response, data: bytes, cookie: str | None) -> web.Response:
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in answer.headers
+               if k.lower() not in HOP_BY_HOP]
+    headers.append((BACKEND_HEADER, backend.id))
+    if not 200 <= answer.status < 300:
+        log.warning("SESSION_NOT_CREATED backend=%s status=%d", backend.id, answer.status)
+        return web.Response(status=answer.status, body=data, headers=headers)
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    sid = session_id_of(parsed)
+    if sid is None:
+        backend.errors_total += 1
+        log.warning('SESSION_NOT_CREATED backend=%s reason="answer has no session id"', backend.id)
+        raise WebDriverError.session_not_created(
+            f"backend {backend.id} answered the new session without a session id")
+    now = time.monotonic()
+    sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now, cookie or ""))
+    backend.sessions_total += 1
+    backend.requests_total += 1
+    backend.dialect = "jsonwp" if isinstance(parsed.get("status"), int) else "w3c"
+    return web.Response(status=answer.status, body=data, headers=headers)
+
+
+def _no_backend_message(pool: Pool, tried: list[str]) -> str:
+    if not pool.backends:
+        return "no backends are configured"
+    states = ", ".join(
+        f"{b.id} {'refused the connection' if b.id in tried else b.health.state}"
+        + (f" ({b.last_check.reason})" if b.last_check and b.id not in tried and not b.health.up else "")
+        + (f" [{b.admin}]" if b.admin != "ready" else "")
+        for b in pool)
+    return f"no backend can take a new session: {states}"
+
+
+def make_app(pool: Pool, sessions: SessionTable, backend_timeout: float,
+             client_max_size: int = 64 << 20) -> web.Application:
+    app = web.Application(client_max_size=client_max_size)
+    app[POOL] = pool
+    app[SESSIONS] = sessions
+    app[TIMEOUT] = backend_timeout
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

@@ -1,0 +1,158 @@
+"""Composition root: builds the pool, session table and providers from Settings, serves both
+ports, runs one health-check task per backend, and shuts down in order on SIGINT/SIGTERM (stop
+accepting, stop providers and their processes, exit 0).
+
+Every background task is named and owned here, and cancelled and awaited on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import proxy, stats
+from .backends import Backend, Pool
+from .config import Settings
+from .health import UP, check_loop, probe
+from .providers.processes import LocalPhantomJS, find_phantomjs
+from .providers.static import StaticProvider
+from .sessions import EndReason, SessionTable, missing_sessions
+from .upstream import Upstream
+
+log = logging.getLogger("stickyproxy")
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sessions = SessionTable()
+        self.pool = Pool(settings.rise, settings.fall, self.sessions)
+        self.pool.on_added.append(self._backend_added)
+        self.pool.on_removed.append(self._backend_removed)
+        self.providers: list[Any] = []
+        self._checks: dict[str, asyncio.Task] = {}
+        self._reconciles: set[asyncio.Task] = set()
+        self._provider_tasks: list[asyncio.Task] = []
+        self._runners: list[web.AppRunner] = []
+        self.started = time.time()
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    def _build_providers(self) -> None:
+        s = self.settings
+        if s.backend:
+            self.providers.append(StaticProvider(s.backend))
+        if s.local_count:
+            self.providers.append(LocalPhantomJS(s.local_count, find_phantomjs(s.phantomjs),
+                                                 s.mem_limit, mem_enforce=s.mem_enforce))
+
+    # backends come and go
+    def _backend_added(self, backend: Backend) -> None:
+        s = self.settings
+        # One connection of GhostDriver's ~10 stays free for the health check.
+        backend.upstream = Upstream(backend.spec.url, max(1, s.backend_connections - 1),
+                                    backend.spec.unix_socket)
+        self._checks[backend.id] = asyncio.get_running_loop().create_task(
+            check_loop(backend.id, lambda: probe(backend.upstream, s.check_path, s.check_timeout),
+                       s.check_interval, lambda result: self._checked(backend, result)),
+            name=f"check-{backend.id}")
+
+    def _checked(self, backend: Backend, result) -> None:
+        if self.pool.record_check(backend, result) == UP and self.sessions.per_backend[backend.id]:
+            # Back from down: if it was restarted meanwhile, its old sessions are gone for good.
+            task = asyncio.get_running_loop().create_task(self._reconcile(backend),
+                                                          name=f"reconcile-{backend.id}")
+            self._reconciles.add(task)
+            task.add_done_callback(self._reconciles.discard)
+
+    async def _reconcile(self, backend: Backend) -> None:
+        """End the pins of sessions the backend no longer lists (`GET /sessions`). A backend
+        that cannot list its sessions keeps every pin: an unproven loss is not a loss."""
+        try:
+            status, body = await backend.upstream.check("/sessions", self.settings.check_timeout)
+            listed = {s["id"] for s in json.loads(body)["value"]} if status == 200 else None
+        except (OSError, TimeoutError, ValueError, KeyError, TypeError):
+            listed = None
+        if listed is None:
+            log.info("RECONCILE_SKIPPED backend=%s reason=\"cannot list sessions\"", backend.id)
+            return
+        for session in missing_sessions(self.sessions.of_backend(backend.id), listed):
+            self.sessions.end(session.id, EndReason.BACKEND_DOWN,
+                              "backend came back without this session (it was restarted)")
+
+    def _backend_removed(self, backend: Backend) -> None:
+        task = self._checks.pop(backend.id, None)
+        if task:
+            task.cancel()
+        if backend.upstream:
+            backend.upstream.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        extra: dict[str, dict[str, Any]] = {}
+        for provider in self.providers:
+            for backend_id, values in provider.stats().items():
+                extra.setdefault(backend_id, {}).update(values)
+        return stats.snapshot(self.pool, self.sessions, extra, time.time(), self.started)
+
+    async def start(self) -> None:
+        s = self.settings
+        self._build_providers()
+        apps = {
+            "listen": (proxy.make_app(self.pool, self.sessions, s.backend_timeout), s.listen),
+            "stats": (stats.make_app(self.snapshot), s.stats_listen),
+        }
+        for name, (app, (host, port)) in apps.items():
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+            self.addresses[name] = runner.addresses[0][:2]
+        for provider in self.providers:
+            task = asyncio.get_running_loop().create_task(provider.run(self.pool),
+                                                          name=f"provider-{provider.source}")
+            task.add_done_callback(_report_crash)
+            self._provider_tasks.append(task)
+
+    async def stop(self) -> None:
+        # Stop accepting first, so no new session lands on a backend we are about to stop.
+        for runner in self._runners:
+            await runner.cleanup()
+        tasks = self._provider_tasks + list(self._checks.values()) + list(self._reconciles)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for provider in self.providers:
+            await provider.close()
+        for backend in self.pool:
+            if backend.upstream:
+                backend.upstream.close()
+
+
+def _report_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("PROVIDER_FAILED task=%s", task.get_name(), exc_info=task.exception())
+
+
+async def serve(settings: Settings, ready=None) -> None:
+    server = Server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        listen, stats_at = server.addresses["listen"], server.addresses["stats"]
+        log.info("READY listen=%s:%d stats=%s:%d", *listen, *stats_at)
+        if ready:
+            ready(server)
+        await stop.wait()
+        log.info("STOPPING")
+    finally:
+        await server.stop()
+        log.info("STOPPED")

@@ -1,0 +1,109 @@
+"""The session table: which backend each live session is pinned to, and how every session ended.
+
+Every end has one reason from the closed set `EndReason`; the same value labels the log line and
+the stats counter, so the two cannot disagree. Recently ended ids are remembered (bounded) so a
+client's next command learns *why* its session is gone instead of a bare "unknown session".
+Time is a parameter: callers pass `now` (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable, Iterator
+
+log = logging.getLogger("stickyproxy")
+
+
+class EndReason(str, Enum):
+    CLIENT_DELETE = "client_delete"
+    IDLE = "idle"
+    MAX_AGE = "max_age"
+    BACKEND_DOWN = "backend_down"  # its process/container exited, was removed or restarted
+    BACKEND_OOM = "backend_oom"  # killed for memory: the kernel's OOM killer or our watchdog
+    RECYCLED = "recycled"
+    SHUTDOWN = "shutdown"
+    ADMIN = "admin"
+
+
+def reason_for_loss(provider_reason: str) -> EndReason:
+    """A provider's word for a lost backend ("oom", "memory", "exited", "removed") -> EndReason."""
+    return EndReason.BACKEND_OOM if provider_reason in ("oom", "memory") else EndReason.BACKEND_DOWN
+
+
+def missing_sessions(pinned: Iterable["Session"], listed: Iterable[str]) -> list["Session"]:
+    """Pinned sessions that their backend no longer lists."""
+    listed = set(listed)
+    return [s for s in pinned if s.id not in listed]
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    backend_id: str
+    generation: str
+    created: float
+    last_used: float
+    cookie: str = ""
+    bridge: bool = False  # W3C client on a JSONWP backend: commands go through the bridge
+    requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    backend_id: str
+    reason: EndReason
+    detail: str
+
+
+@dataclass
+class SessionTable:
+    remember_ended: int = 10_000
+    live: dict[str, Session] = field(default_factory=dict)
+    per_backend: Counter = field(default_factory=Counter)
+    ended_by_reason: Counter = field(default_factory=Counter)
+    created_total: int = 0
+    _ended: OrderedDict = field(default_factory=OrderedDict)
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def get(self, sid: str) -> Session | None:
+        return self.live.get(sid)
+
+    def pin(self, session: Session) -> None:
+        self.live[session.id] = session
+        self.per_backend[session.backend_id] += 1
+        self.created_total += 1
+        self._ended.pop(session.id, None)
+        log.info("SESSION_CREATED session=%s backend=%s", session.id, session.backend_id)
+
+    def end(self, sid: str, reason: EndReason, detail: str = "") -> Session | None:
+        session = self.live.pop(sid, None)
+        if session is None:
+            return None
+        self.per_backend[session.backend_id] -= 1
+        if self.per_backend[session.backend_id] <= 0:
+            del self.per_backend[session.backend_id]
+        self.ended_by_reason[reason.value] += 1
+        self._ended[sid] = Ended(session.backend_id, reason, detail)
+        while len(self._ended) > self.remember_ended:
+            self._ended.popitem(last=False)
+        log.info("SESSION_ENDED session=%s backend=%s reason=%s%s", sid, session.backend_id,
+                 reason.value, f' detail="{detail}"' if detail else "")
+        return session
+
+    def end_backend(self, backend_id: str, reason: EndReason, detail: str = "",
+                    keep_generation: str | None = None) -> list[Session]:
+        """End every session of a backend (all, or those not of `keep_generation`)."""
+        doomed = [s.id for s in self.live.values() if s.backend_id == backend_id
+                  and (keep_generation is None or s.generation != keep_generation)]
+        return [s for s in (self.end(sid, reason, detail) for sid in doomed) if s]
+
+    def why_ended(self, sid: str) -> Ended | None:
+        return self._ended.get(sid)
+
+    def of_backend(self, backend_id: str) -> Iterator[Session]:
+        return (s for s in self.live.values() if s.backend_id == backend_id)

@@ -1,0 +1,130 @@
+"""Wire knowledge of WebDriver: which command a path is, where the session id sits, the JSONWP and
+W3C shapes of a new-session answer, and the one error type that crosses the wire.
+
+Pure: no aiohttp. The proxy asks `classify(method, path)` once per request and reads the session
+id from the path only; bodies are parsed only where a session id must be learned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+# Selenium 3 and older put everything under /wd/hub; Selenium 4 and W3C servers use the root.
+HUB_PREFIX = "/wd/hub"
+
+# GhostDriver uses UUIDs, chromedriver 32 hex digits, Selenium Grid UUIDs. Anything else (slashes,
+# dots-only, percent escapes) cannot be a session id and must never reach a backend as a path.
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+class Kind(Enum):
+    NEW_SESSION = "new_session"
+    DELETE_SESSION = "delete_session"
+    SESSION = "session"  # any other command of a known session
+    STATUS = "status"
+    SESSIONS = "sessions"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: Kind
+    session_id: str = ""
+    prefix: str = ""  # "" or "/wd/hub", kept so the backend sees the path the client used
+    rest: str = ""  # the command after /session/{id}, e.g. "/element"
+
+
+def classify(method: str, path: str) -> Route:
+    prefix = ""
+    if path.startswith(HUB_PREFIX) and (len(path) == len(HUB_PREFIX) or path[len(HUB_PREFIX)] == "/"):
+        prefix, path = HUB_PREFIX, path[len(HUB_PREFIX):]
+    path = path.rstrip("/") or "/"
+    if path == "/session":
+        return Route(Kind.NEW_SESSION if method == "POST" else Kind.UNKNOWN, prefix=prefix)
+    if path.startswith("/session/"):
+        sid, _, rest = path[len("/session/"):].partition("/")
+        if not _SESSION_ID.match(sid):
+            raise WebDriverError.invalid_session(sid, "that is not a session id")
+        rest = "/" + rest if rest else ""
+        if not rest and method == "DELETE":
+            return Route(Kind.DELETE_SESSION, sid, prefix)
+        return Route(Kind.SESSION, sid, prefix, rest)
+    if path == "/status" and method == "GET":
+        return Route(Kind.STATUS, prefix=prefix)
+    if path == "/sessions" and method == "GET":
+        return Route(Kind.SESSIONS, prefix=prefix)
+    return Route(Kind.UNKNOWN, prefix=prefix)
+
+
+def session_id_of(answer: Any) -> str | None:
+    """The id in a new-session answer: JSONWP top-level `sessionId`, W3C `value.sessionId`."""
+    if not isinstance(answer, dict):
+        return None
+    sid = answer.get("sessionId")
+    if not sid:
+        value = answer.get("value")
+        if isinstance(value, dict):
+            sid = value.get("sessionId")
+    return sid if isinstance(sid, str) and _SESSION_ID.match(sid) else None
+
+
+def dialect_of_status(answer: Any) -> str:
+    """`jsonwp` for GhostDriver-style /status answers (top-level numeric status), else `w3c`."""
+    if isinstance(answer, dict) and isinstance(answer.get("status"), int):
+        return "jsonwp"
+    return "w3c"
+
+
+class WebDriverError(Exception):
+    """The one error that crosses the wire, rendered as W3C `{"value": {error, message}}`.
+
+    Never above HTTP 500: Selenium 3's client treats any status above 500 as success.
+    """
+
+    def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return json.dumps(
+            {"value": {"error": self.error, "message": self.message, "stacktrace": ""}}
+        ).encode()
+
+    @classmethod
+    def invalid_session(cls, sid: str, why: str) -> "WebDriverError":
+        return cls(404, "invalid session id", f"session {sid!r}: {why}")
+
+    @classmethod
+    def session_not_created(cls, message: str) -> "WebDriverError":
+        return cls(500, "session not created", message)
+
+    @classmethod
+    def invalid_argument(cls, message: str) -> "WebDriverError":
+        return cls(400, "invalid argument", message)
+
+    @classmethod
+    def unknown_command(cls, method: str, path: str) -> "WebDriverError":
+        return cls(404, "unknown command", f"stickyproxy does not route {method} {path}")
+
+    @classmethod
+    def backend_unavailable(cls, sid: str, backend: str, why: str) -> "WebDriverError":
+        # "unknown error" (500): the session may live on once its backend answers again, so it
+        # is not "invalid session id"; and it is never sent to another backend, where it never was.
+        return cls(500, "unknown error",
+                   f"session {sid}: its backend {backend} is unavailable ({why}); "
+                   "stickyproxy never moves a session to another backend")
+
+    @classmethod
+    def timeout(cls, message: str) -> "WebDriverError":
+        return cls(500, "timeout", message)
+
+    @classmethod
+    def unknown(cls, message: str) -> "WebDriverError":
+        return cls(500, "unknown error", message)
