@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from stickyproxy.webdriver import Kind, WebDriverError, classify, session_id_of
+
+
+@pytest.mark.parametrize("method, path, kind, sid, rest", [
+    ("POST", "/session", Kind.NEW_SESSION, "", ""),
+    ("POST", "/wd/hub/session", Kind.NEW_SESSION, "", ""),
+    ("POST", "/wd/hub/session/", Kind.NEW_SESSION, "", ""),
+    ("GET", "/session", Kind.UNKNOWN, "", ""),
+    ("DELETE", "/session/abc-123", Kind.DELETE_SESSION, "abc-123", ""),
+    ("DELETE", "/session/abc/window", Kind.SESSION, "abc", "/window"),
+    ("GET", "/wd/hub/session/abc/element/e1/text", Kind.SESSION, "abc", "/element/e1/text"),
+    ("GET", "/status", Kind.STATUS, "", ""),
+    ("GET", "/wd/hub/status", Kind.STATUS, "", ""),
+    ("GET", "/wd/hubx/status", Kind.UNKNOWN, "", ""),
+    ("GET", "/", Kind.UNKNOWN, "", ""),
+])
+def test_classify(method, path, kind, sid, rest):
+    route = classify(method, path)
+    assert (route.kind, route.session_id, route.rest) == (kind, sid, rest)
+
+
+@pytest.mark.parametrize("path", [
+    "/session/../status", "/session/%2e%2e/x", "/session/a%2Fb/url", "/session/.hidden/url",
+    "/session/" + "a" * 200 + "/url", "/session/a b/url"])
+def test_paths_that_are_not_session_ids_are_invalid_sessions(path):
+    with pytest.raises(WebDriverError) as err:
+        classify("GET", path)
+    assert err.value.status == 404 and err.value.error == "invalid session id"
+
+
+@pytest.mark.parametrize("answer, sid", [
+    ({"sessionId": "abc", "status": 0, "value": {}}, "abc"),  # JSONWP
+    ({"value": {"sessionId": "def", "capabilities": {}}}, "def"),  # W3C
+    ({"value": {"capabilities": {}}}, None),
+    ({"sessionId": None, "value": {"sessionId": "x/y"}}, None),
+    ([], None),
+    ("abc", None),
+])
+def test_session_id_of_new_session_answers(answer, sid):
+    assert session_id_of(answer) == sid
+
+
+def test_errors_render_as_w3c_and_never_above_500():
+    for err in (WebDriverError.invalid_session("s", "gone"), WebDriverError.session_not_created("x"),
+                WebDriverError.invalid_argument("x"), WebDriverError.backend_unavailable("s", "b", "x"),
+                WebDriverError.timeout("x"), WebDriverError.unknown_command("GET", "/x")):
+        body = json.loads(err.body())
+        assert set(body) == {"value"} and {"error", "message"} <= set(body["value"])
+        assert 400 <= err.status <= 500  # Selenium 3 reads >500 as success
