@@ -121,3 +121,16 @@ def test_stats_schema(proxy4):
         assert b["state"] == "up"
         assert b["last_check"]["ok"] is True and b["last_check"]["result"] == "ok"
         assert b["dialect"] == "jsonwp"
+
+
+def test_large_bodies_stream_through_both_ways(proxy4):
+    status, body, headers = http_json(proxy4.url + "/session", "POST", {"desiredCapabilities": {}})
+    sid = body["sessionId"]
+    big = "x" * (3 << 20)  # above the 1 MiB the proxy buffers: both directions stream
+    status, body, headers = http_json(f"{proxy4.url}/session/{sid}/execute", "POST",
+                                      {"script": "return arguments[0] + arguments[0].length;",
+                                       "args": [big]}, timeout=60)
+    assert status == 200
+    assert body["value"] == big + str(len(big))
+    assert headers["X-Stickyproxy-Backend"]
+    http_json(f"{proxy4.url}/session/{sid}", "DELETE")
