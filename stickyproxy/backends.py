@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 from .health import DOWN, Health, CheckResult
 from .providers import BackendSpec
-from .routing import Candidate
+from .routing import Candidate, choose
 from .sessions import EndReason, SessionTable, reason_for_loss
 
 log = logging.getLogger("stickyproxy")
@@ -39,6 +39,11 @@ class Backend:
     added: float = field(default_factory=time.time)
     lost_total: int = 0
     last_lost: str = ""
+    drain_reason: str = ""  # why admin is DRAIN: "admin" or a recycling sentence
+    recycling: bool = False
+    replacement: str = ""  # id of the backend started to take its place
+    started: float = field(default_factory=time.monotonic)  # this generation's start
+    generation_sessions: int = 0  # sessions created since `started`
 
     @property
     def id(self) -> str:
@@ -53,13 +58,15 @@ Listener = Callable[[Backend], None]
 
 
 class Pool:
-    def __init__(self, rise: int, fall: int, sessions: SessionTable) -> None:
+    def __init__(self, rise: int, fall: int, sessions: SessionTable, max_sessions: int = 0) -> None:
         self.rise, self.fall = rise, fall
+        self.max_sessions = max_sessions
         self.sessions = sessions
         self.backends: dict[str, Backend] = {}
         self._by_source: dict[str, set[str]] = {}
         self.on_added: list[Listener] = []
         self.on_removed: list[Listener] = []
+        self.on_capacity: list[Callable[[], None]] = []  # a slot may have freed: wake the queue
 
     def get(self, backend_id: str) -> Backend | None:
         return self.backends.get(backend_id)
@@ -82,6 +89,7 @@ class Pool:
                     self.sessions.end_backend(spec.id, EndReason.BACKEND_DOWN,
                                               "backend process was replaced",
                                               keep_generation=spec.generation)
+                    current.started, current.generation_sessions = time.monotonic(), 0
                 if (current.spec.url, current.spec.unix_socket) != (spec.url, spec.unix_socket):
                     self._remove(spec.id, "moved to a new address")
                     self._add(spec)
@@ -112,17 +120,62 @@ class Pool:
                         result.reason)
         elif changed:
             log.info("BACKEND_UP backend=%s url=%s", backend.id, backend.spec.url)
+            self.capacity_changed()
         return changed
+
+    def capacity_changed(self) -> None:
+        for listener in self.on_capacity:
+            listener()
 
     # placement
     def candidates(self, exclude: Iterable[str] = ()) -> list[Candidate]:
-        per = self.sessions.per_backend
-        return [Candidate(b.id, per[b.id] + b.pending) for b in self.backends.values()
-                if b.takes_new_sessions and b.id not in exclude]
+        """Backends that take new sessions and have a free slot, with their load."""
+        per, cap = self.sessions.per_backend, self.max_sessions
+        found = []
+        for b in self.backends.values():
+            if b.takes_new_sessions and b.id not in exclude:
+                load = per.get(b.id, 0) + b.pending
+                if not cap or load < cap:
+                    found.append(Candidate(b.id, load))
+        return found
+
+    def pick(self, cookie: str | None, tried: tuple[str, ...] = ()) -> str | None:
+        """Choose a backend for a new session and reserve its slot (pending) until `release`."""
+        backend_id = choose(self.candidates(exclude=tried), cookie)
+        if backend_id is not None:
+            self.backends[backend_id].pending += 1
+        return backend_id
+
+    def release(self, backend_id: str) -> None:
+        backend = self.backends.get(backend_id)
+        if backend is not None:
+            backend.pending -= 1
+        self.capacity_changed()
+
+    def could_take(self, tried: Iterable[str] = ()) -> bool:
+        """Is any backend taking new sessions, full or not? (If not, queueing is pointless.)"""
+        tried = set(tried)
+        return any(b.takes_new_sessions and b.id not in tried for b in self.backends.values())
 
     @property
     def any_up(self) -> bool:
         return any(b.health.up for b in self.backends.values())
+
+    # admin state
+    def drain(self, backend_id: str, reason: str, recycling: bool = False) -> Backend | None:
+        backend = self.backends.get(backend_id)
+        if backend is not None and backend.admin != DRAIN:
+            backend.admin, backend.drain_reason, backend.recycling = DRAIN, reason, recycling
+            log.info('BACKEND_DRAINING backend=%s reason="%s"', backend_id, reason)
+        return backend
+
+    def undrain(self, backend_id: str) -> Backend | None:
+        backend = self.backends.get(backend_id)
+        if backend is not None and backend.admin == DRAIN and not backend.recycling:
+            backend.admin, backend.drain_reason = READY, ""
+            log.info("BACKEND_READY backend=%s", backend_id)
+            self.capacity_changed()
+        return backend
 
     def _add(self, spec: BackendSpec) -> None:
         backend = Backend(spec, Health(self.rise, self.fall))

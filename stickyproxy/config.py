@@ -67,6 +67,13 @@ def parse_url(text: str) -> str:
     return text
 
 
+def parse_optional_size(text: str | int) -> int:
+    """Like parse_size, but 0 / "off" means no limit (0)."""
+    if str(text).strip().lower() in ("0", "off", "none", ""):
+        return 0
+    return parse_size(text)
+
+
 def _positive_int(text: Any) -> int:
     value = int(text)
     if value < 1:
@@ -130,6 +137,32 @@ class Settings:
                                        "serves about 10 at once)", _positive_int, metavar="N")
     backend_timeout: float = _opt(300.0, "longest wait for a backend's answer to one command",
                                   parse_duration, metavar="DURATION", shown="300s")
+    max_sessions: int = _opt(0, "live sessions per backend; new ones wait in the queue when every "
+                                "backend is full (0: no limit)", _count, metavar="N", shown="0")
+    queue_timeout: float = _opt(60.0, "longest a new session waits for a free slot", parse_duration,
+                                metavar="DURATION", shown="60s")
+    max_queue: int = _opt(100, "most new sessions waiting at once; more are refused at once",
+                          _count, metavar="N")
+    session_idle_timeout: float = _opt(300.0, "a session with no command for this long is deleted "
+                                              "on its backend (0: never)", parse_duration,
+                                       metavar="DURATION", shown="5m")
+    session_max_age: float = _opt(0.0, "a session older than this is deleted (0: never)",
+                                  parse_duration, metavar="DURATION", shown="0 (off)")
+    recycle_after_sessions: int = _opt(0, "recycle a backend after it created N sessions (0: never)",
+                                       _count, metavar="N")
+    recycle_after: float = _opt(0.0, "recycle a backend after it ran this long (0: never)",
+                                parse_duration, metavar="DURATION", shown="0 (off)")
+    recycle_above_memory: int = _opt(0, "recycle a backend whose resident memory passes this "
+                                        "(below --mem-limit; 0: never)", parse_optional_size,
+                                     metavar="SIZE", shown="0 (off)")
+    max_recycling: int = _opt(1, "most backends draining for recycling at once", _positive_int,
+                              metavar="N")
+    drain_timeout: float = _opt(60.0, "on SIGTERM, how long live sessions may finish before they "
+                                      "are deleted", parse_duration, metavar="DURATION",
+                                shown="60s")
+    admin_token: str = _opt("", "token for the admin API on the stats port (Authorization: "
+                                "Bearer); without it the admin API is off", metavar="TOKEN",
+                            shown="none (admin API off)")
     log_level: str = _opt("info", "log level", _choice("debug", "info", "warning", "error"),
                           metavar="LEVEL")
 

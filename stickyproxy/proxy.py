@@ -8,6 +8,7 @@ learned; every other request and answer streams through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,6 +17,8 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from .backends import Backend, Pool
+from .lifecycle import Lifecycle, fmt
+from .queue import QueueFull, SessionQueue
 from .health import DOWN
 from .routing import Attempt, choose, may_retry_elsewhere
 from .sessions import EndReason, Session, SessionTable
@@ -27,6 +30,10 @@ log = logging.getLogger("stickyproxy")
 POOL = web.AppKey("pool", Pool)
 SESSIONS = web.AppKey("sessions", SessionTable)
 TIMEOUT = web.AppKey("backend_timeout", float)
+QUEUE = web.AppKey("queue", SessionQueue)
+QUEUE_TIMEOUT = web.AppKey("queue_timeout", float)
+LIFE = web.AppKey("lifecycle", Lifecycle)
+STATE = web.AppKey("state", object)  # .shutting_down
 
 BACKEND_HEADER = "X-Stickyproxy-Backend"
 _BUFFER_LIMIT = 1 << 20  # bodies up to this are forwarded whole; larger ones stream
@@ -135,7 +142,10 @@ async def _relay(request: web.Request, answer: Response, backend: Backend) -> we
 
 
 async def _new_session(request: web.Request) -> web.StreamResponse:
-    pool, sessions = request.app[POOL], request.app[SESSIONS]
+    pool, sessions, queue, state = (request.app[POOL], request.app[SESSIONS], request.app[QUEUE],
+                                    request.app[STATE])
+    if state.shutting_down:
+        raise WebDriverError.session_not_created("stickyproxy is shutting down")
     body = await request.read()
     try:
         payload = json.loads(body)
@@ -144,39 +154,91 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
     if not isinstance(payload, dict):
         raise WebDriverError.invalid_argument("new session body must be a JSON object")
     cookie = request.headers.get("Cookie")
-    tried: list[str] = []
+    tried: tuple[str, ...] = ()
+    backend_id = queue.admit(cookie)
     while True:
-        backend_id = choose(pool.candidates(exclude=tried), cookie)
         if backend_id is None:
-            raise WebDriverError.session_not_created(_no_backend_message(pool, tried))
-        backend = pool.backends[backend_id]
-        backend.pending += 1
-        attempt = Attempt.NOT_CONNECTED
+            backend_id = await _wait_for_slot(request, cookie, tried)
+        current, backend = backend_id, pool.backends.get(backend_id)
         try:
-            answer = await backend.upstream.request(
-                "POST", request.rel_url.raw_path_qs, request.raw_headers, body,
-                timeout=request.app[TIMEOUT], fresh=True)
-            attempt = Attempt.ANSWERED
-            data = await answer.read()
+            if backend is None:  # removed while we waited
+                raise NotConnected("backend was removed")
+            # Shielded: if the client leaves mid-attempt, a session the backend may create is
+            # still learned, and deleted, instead of left running with nobody to quit it.
+            attempt = asyncio.ensure_future(_attempt(request, backend, body))
+            try:
+                answer, data = await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                attempt.add_done_callback(lambda t, b=backend: _orphaned(request.app, b, t))
+                raise
+            try:  # pinned before the reservation is released, so the slot is never handed twice
+                return _pin_new_session(request, sessions, backend, answer, data, cookie)
+            finally:
+                answer.release()
         except (NotConnected, UpstreamError, TimeoutError) as exc:
-            if not isinstance(exc, NotConnected):
-                attempt = Attempt.SENT
-            backend.errors_total += 1
             why = str(exc) or "no answer in time"
-            if may_retry_elsewhere(attempt):
+            if backend is not None:
+                backend.errors_total += 1
+            stage = Attempt.NOT_CONNECTED if isinstance(exc, NotConnected) else Attempt.SENT
+            if may_retry_elsewhere(stage):
                 log.warning('SESSION_RETRY backend=%s reason="%s"', backend_id, why)
-                tried.append(backend_id)
+                tried += (backend_id,)
+                backend_id = pool.pick(cookie, tried)
                 continue
             log.warning('SESSION_NOT_CREATED backend=%s reason="%s"', backend_id, why)
             raise WebDriverError.session_not_created(
                 f"backend {backend_id} failed after the request was sent ({why}); "
                 "not retried elsewhere, so no second session is started") from None
         finally:
-            backend.pending -= 1
-        try:
-            return _pin_new_session(request, sessions, backend, answer, data, cookie)
-        finally:
-            answer.release()
+            pool.release(current)  # the reservation made by pick() or the queue
+
+
+async def _wait_for_slot(request: web.Request, cookie: str | None, tried: tuple[str, ...]) -> str:
+    """Queue for a slot when backends are up but full; fail at once when none could take it."""
+    pool, queue = request.app[POOL], request.app[QUEUE]
+    if not pool.could_take(tried):
+        raise WebDriverError.session_not_created(_no_backend_message(pool, tried))
+    timeout = request.app[QUEUE_TIMEOUT]
+    try:
+        return await queue.wait(cookie, tried, timeout)
+    except QueueFull:
+        log.warning("SESSION_NOT_CREATED reason=queue_full length=%d", len(queue))
+        raise WebDriverError.session_not_created(
+            f"every backend is full and {len(queue)} new sessions are already waiting "
+            f"(--max-queue {queue.max_length})", retry_after=max(1, round(timeout / 4))) from None
+    except TimeoutError:
+        log.warning("SESSION_NOT_CREATED reason=queue_timeout waited=%s", fmt(timeout))
+        raise WebDriverError.session_not_created(
+            f"every backend stayed full for {fmt(timeout)} (--queue-timeout); "
+            f"{len(pool.backends)} backends, --max-sessions {pool.max_sessions}") from None
+
+
+async def _attempt(request: web.Request, backend: Backend, body: bytes) -> tuple[Response, bytes]:
+    answer = await backend.upstream.request(
+        "POST", request.rel_url.raw_path_qs, request.raw_headers, body,
+        timeout=request.app[TIMEOUT], fresh=True)
+    try:
+        return answer, await answer.read()
+    except BaseException:
+        answer.release()
+        raise
+
+
+def _orphaned(app: web.Application, backend: Backend, attempt: asyncio.Future) -> None:
+    """The client left while its new session was being created: pin it, then end it at once
+    (deleted on the backend), so it is counted and logged instead of leaking."""
+    if attempt.cancelled() or attempt.exception() is not None:
+        return
+    answer, data = attempt.result()
+    answer.release()
+    try:
+        sid = session_id_of(json.loads(data)) if 200 <= answer.status < 300 else None
+    except ValueError:
+        sid = None
+    if sid:
+        now = time.monotonic()
+        app[SESSIONS].pin(Session(sid, backend.id, backend.spec.generation, now, now))
+        app[LIFE].end(sid, EndReason.CLIENT_DELETE, "client left before the new session answer")
 
 
 def _pin_new_session(request: web.Request, sessions: SessionTable, backend: Backend,
@@ -200,6 +262,8 @@ def _pin_new_session(request: web.Request, sessions: SessionTable, backend: Back
     now = time.monotonic()
     sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now, cookie or ""))
     backend.sessions_total += 1
+    backend.generation_sessions += 1
+    request.app[LIFE].consider(backend, now)
     backend.requests_total += 1
     backend.dialect = "jsonwp" if isinstance(parsed.get("status"), int) else "w3c"
     return web.Response(status=answer.status, body=data, headers=headers)
@@ -216,11 +280,16 @@ def _no_backend_message(pool: Pool, tried: list[str]) -> str:
     return f"no backend can take a new session: {states}"
 
 
-def make_app(pool: Pool, sessions: SessionTable, backend_timeout: float,
+def make_app(pool: Pool, sessions: SessionTable, queue: SessionQueue, life: Lifecycle, state,
+             backend_timeout: float, queue_timeout: float,
              client_max_size: int = 64 << 20) -> web.Application:
     app = web.Application(client_max_size=client_max_size)
     app[POOL] = pool
     app[SESSIONS] = sessions
+    app[QUEUE] = queue
+    app[LIFE] = life
+    app[STATE] = state
     app[TIMEOUT] = backend_timeout
+    app[QUEUE_TIMEOUT] = queue_timeout
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

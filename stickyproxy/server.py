@@ -20,6 +20,9 @@ from . import proxy, stats
 from .backends import Backend, Pool
 from .config import Settings
 from .health import UP, check_loop, probe
+from .lifecycle import Lifecycle, fmt
+from .queue import SessionQueue
+from .webdriver import WebDriverError
 from .providers.processes import LocalPhantomJS, find_phantomjs
 from .providers.static import StaticProvider
 from .sessions import EndReason, SessionTable, missing_sessions
@@ -32,10 +35,15 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.sessions = SessionTable()
-        self.pool = Pool(settings.rise, settings.fall, self.sessions)
+        self.pool = Pool(settings.rise, settings.fall, self.sessions, settings.max_sessions)
         self.pool.on_added.append(self._backend_added)
         self.pool.on_removed.append(self._backend_removed)
+        self.queue = SessionQueue(self.pool.pick, self.pool.release, settings.max_queue)
+        self.pool.on_capacity.append(self.queue.dispatch)
+        self.sessions.on_end.append(self.queue.dispatch)
         self.providers: list[Any] = []
+        self.lifecycle: Lifecycle | None = None
+        self.shutting_down = False
         self._checks: dict[str, asyncio.Task] = {}
         self._reconciles: set[asyncio.Task] = set()
         self._provider_tasks: list[asyncio.Task] = []
@@ -97,17 +105,32 @@ class Server:
         for provider in self.providers:
             for backend_id, values in provider.stats().items():
                 extra.setdefault(backend_id, {}).update(values)
-        return stats.snapshot(self.pool, self.sessions, extra, time.time(), self.started)
+        return stats.snapshot(self.pool, self.sessions, extra, time.time(), self.started,
+                              self.queue, self.lifecycle.recycled_total if self.lifecycle else 0,
+                              time.monotonic(), self.shutting_down)
+
+    def _memory(self, backend_id: str) -> int | None:
+        for provider in self.providers:
+            if hasattr(provider, "memory"):
+                value = provider.memory(backend_id)
+                if value is not None:
+                    return value
+        return None
 
     async def start(self) -> None:
         s = self.settings
         self._build_providers()
+        self.lifecycle = Lifecycle(self.pool, self.sessions, s,
+                                   {p.source: p for p in self.providers}, self._memory)
         apps = {
-            "listen": (proxy.make_app(self.pool, self.sessions, s.backend_timeout), s.listen),
-            "stats": (stats.make_app(self.snapshot), s.stats_listen),
+            "listen": (proxy.make_app(self.pool, self.sessions, self.queue, self.lifecycle, self,
+                                      s.backend_timeout, s.queue_timeout), s.listen),
+            "stats": (stats.make_app(self.snapshot, self), s.stats_listen),
         }
         for name, (app, (host, port)) in apps.items():
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            # handler_cancellation: a client that disconnects while queued leaves the queue at once
+            runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                   handler_cancellation=True)
             await runner.setup()
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
@@ -118,6 +141,18 @@ class Server:
                                                           name=f"provider-{provider.source}")
             task.add_done_callback(_report_crash)
             self._provider_tasks.append(task)
+        task = asyncio.get_running_loop().create_task(self.lifecycle.run(), name="lifecycle")
+        task.add_done_callback(_report_crash)
+        self._provider_tasks.append(task)
+
+    async def drain(self, hurry: asyncio.Event) -> None:
+        """SIGTERM: take no new sessions, let live ones finish up to --drain-timeout, then
+        delete what remains on the backends."""
+        self.shutting_down = True
+        self.queue.fail_all(WebDriverError.session_not_created("stickyproxy is shutting down"))
+        log.info("DRAINING sessions=%d timeout=%s", len(self.sessions),
+                 fmt(self.settings.drain_timeout))
+        await self.lifecycle.drain_all(self.settings.drain_timeout, hurry)
 
     async def stop(self) -> None:
         # Stop accepting first, so no new session lands on a backend we are about to stop.
@@ -141,10 +176,16 @@ def _report_crash(task: asyncio.Task) -> None:
 
 async def serve(settings: Settings, ready=None) -> None:
     server = Server(settings)
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()  # a second signal: stop waiting for live sessions
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await server.start()
         listen, stats_at = server.addresses["listen"], server.addresses["stats"]
@@ -153,6 +194,7 @@ async def serve(settings: Settings, ready=None) -> None:
             ready(server)
         await stop.wait()
         log.info("STOPPING")
+        await server.drain(hurry)
     finally:
         await server.stop()
         log.info("STOPPED")

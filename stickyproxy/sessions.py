@@ -63,9 +63,11 @@ class SessionTable:
     remember_ended: int = 10_000
     live: dict[str, Session] = field(default_factory=dict)
     per_backend: Counter = field(default_factory=Counter)
+    peak: Counter = field(default_factory=Counter)  # most live at once, per backend
     ended_by_reason: Counter = field(default_factory=Counter)
     created_total: int = 0
     _ended: OrderedDict = field(default_factory=OrderedDict)
+    on_end: list = field(default_factory=list)  # callables: a slot freed
 
     def __len__(self) -> int:
         return len(self.live)
@@ -76,6 +78,8 @@ class SessionTable:
     def pin(self, session: Session) -> None:
         self.live[session.id] = session
         self.per_backend[session.backend_id] += 1
+        self.peak[session.backend_id] = max(self.peak[session.backend_id],
+                                            self.per_backend[session.backend_id])
         self.created_total += 1
         self._ended.pop(session.id, None)
         log.info("SESSION_CREATED session=%s backend=%s", session.id, session.backend_id)
@@ -93,6 +97,8 @@ class SessionTable:
             self._ended.popitem(last=False)
         log.info("SESSION_ENDED session=%s backend=%s reason=%s%s", sid, session.backend_id,
                  reason.value, f' detail="{detail}"' if detail else "")
+        for listener in self.on_end:
+            listener()
         return session
 
     def end_backend(self, backend_id: str, reason: EndReason, detail: str = "",

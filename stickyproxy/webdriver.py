@@ -102,8 +102,9 @@ class WebDriverError(Exception):
         return cls(404, "invalid session id", f"session {sid!r}: {why}")
 
     @classmethod
-    def session_not_created(cls, message: str) -> "WebDriverError":
-        return cls(500, "session not created", message)
+    def session_not_created(cls, message: str, retry_after: int | None = None) -> "WebDriverError":
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
+        return cls(500, "session not created", message, headers)
 
     @classmethod
     def invalid_argument(cls, message: str) -> "WebDriverError":

@@ -177,6 +177,21 @@ class Proxy:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
+    def shutdown(self) -> None:
+        """SIGTERM, and a second one if live sessions hold it draining; SIGKILL last."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(1)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()  # the second signal: delete remaining sessions, exit
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
 
 def start_proxy(*args: str, env: dict | None = None, ready_timeout: float = 60) -> Proxy:
     cmd = [sys.executable, "-m", "stickyproxy", "serve", "--listen", "127.0.0.1:0",
@@ -214,7 +229,8 @@ def stickyproxy():
         return proxy
 
     yield start
-    _stop([proxy.proc for proxy in started])
+    for proxy in started:
+        proxy.shutdown()
     for proxy in started:
         proxy.pump.join(5)
         _close_pipes(proxy.proc)

@@ -10,6 +10,7 @@ it end with that reason instead of waiting for the health checks.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import shutil
@@ -87,6 +88,7 @@ class _Slot:
     exits: Counter = field(default_factory=Counter)
     killed_for_memory: bool = False
     log_path: str = ""
+    retired: bool = False
 
 
 class LocalPhantomJS:
@@ -104,21 +106,50 @@ class LocalPhantomJS:
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="stickyproxy-phantomjs-")
         if mem_enforce == "cgroup":  # refuse at start-up, not on the first restart
             memcap.make_cap("probe", mem_limit, mem_enforce).remove()
-        self.slots = [_Slot(i) for i in range(1, count + 1)]
+        self.slots = {i: _Slot(i) for i in range(1, count + 1)}
         self.specs: dict[int, BackendSpec] = {}
         self._closing = False
+        self._group: asyncio.TaskGroup | None = None
+        self._sink: PoolSink | None = None
+        self.recycled_total = 0
+        self._next_index = count + 1
 
     def _id(self, slot: _Slot) -> str:
         return f"local-{slot.index}"
 
     async def run(self, sink: PoolSink) -> None:
+        self._sink = sink
         async with asyncio.TaskGroup() as group:
-            for slot in self.slots:
+            self._group = group
+            for slot in list(self.slots.values()):
                 group.create_task(self._supervise(slot, sink), name=f"local-{slot.index}")
+
+    # recycling: a new process with the next number takes the place of a worn one
+    async def replace(self, backend_id: str) -> str:
+        slot = _Slot(self._next_index)
+        self._next_index += 1
+        self.slots[slot.index] = slot
+        self._group.create_task(self._supervise(slot, self._sink), name=self._id(slot))
+        return self._id(slot)
+
+    async def retire(self, backend_id: str) -> None:
+        slot = next((s for s in self.slots.values() if self._id(s) == backend_id), None)
+        if slot is None:
+            return
+        slot.retired = True
+        self.specs.pop(slot.index, None)
+        self._sink.publish(self.source, list(self.specs.values()))
+        await self._stop(slot)
+        del self.slots[slot.index]
+        self.recycled_total += 1
+
+    def memory(self, backend_id: str) -> int | None:
+        slot = next((s for s in self.slots.values() if self._id(s) == backend_id), None)
+        return memcap.rss_of(slot.process.pid) if slot and slot.process else None
 
     async def _supervise(self, slot: _Slot, sink: PoolSink) -> None:
         delay = 1.0
-        while not self._closing:
+        while not self._closing and not slot.retired:
             try:
                 await self._start(slot)
             except (OSError, TimeoutError) as exc:
@@ -134,7 +165,7 @@ class LocalPhantomJS:
                 meta={"pid": slot.process.pid, "port": slot.port})
             sink.publish(self.source, list(self.specs.values()))
             code = await self._wait(slot)
-            if self._closing:
+            if self._closing or slot.retired:
                 return
             reason = ("memory" if slot.killed_for_memory
                       else "oom" if slot.cap and slot.cap.oom_kills() > 0 else "exited")
@@ -158,7 +189,8 @@ class LocalPhantomJS:
             slot.process = await asyncio.create_subprocess_exec(
                 self.binary, f"--webdriver=127.0.0.1:{slot.port}", "--webdriver-loglevel=WARN",
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                start_new_session=True)  # a Ctrl-C in the terminal is ours to handle, not theirs
+                start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not theirs
+                preexec_fn=_die_with_parent)
         slot.started = time.monotonic()
         slot.cap.attach(slot.process.pid)
         deadline = time.monotonic() + self.start_timeout
@@ -206,12 +238,12 @@ class LocalPhantomJS:
 
     async def close(self) -> None:
         self._closing = True
-        await asyncio.gather(*(self._stop(slot) for slot in self.slots))
+        await asyncio.gather(*(self._stop(slot) for slot in list(self.slots.values())))
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def stats(self) -> Mapping[str, Mapping[str, Any]]:
         out = {}
-        for slot in self.slots:
+        for slot in list(self.slots.values()):
             cap = slot.cap
             out[self._id(slot)] = {
                 "pid": slot.process.pid if slot.process and slot.process.returncode is None else None,
@@ -223,6 +255,15 @@ class LocalPhantomJS:
                 "log": slot.log_path,
             }
         return out
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: if stickyproxy itself is killed (SIGKILL, OOM), its
+    PhantomJS processes go with it instead of running on unowned."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _kill(proc: asyncio.subprocess.Process, sig: int) -> None:

@@ -7,6 +7,7 @@ Argument: one JSON object:
   cookie     true: send a unique Cookie header per session (the HAProxy `balance hdr(Cookie)` trick)
   hold       true: open every session first, print {"held": [ids]}, wait for a line on stdin,
              then run the workload in all of them at once
+  abandon    true: never quit (a client that crashed or forgot)
 Prints one JSON line: {"results": [{"id", "ok", "error", "seconds", "title", "items"}]}.
 """
 
@@ -61,7 +62,8 @@ def run(driver=None):
         driver = driver or open_session()
         result["id"] = driver.session_id
         result["title"], result["items"] = workload(driver)
-        driver.quit()
+        if not args.get("abandon"):
+            driver.quit()
         result["ok"] = True
     except Exception as exc:  # reported to the test, which decides what was expected
         result["error"] = f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,191 @@
+"""Session and backend lifecycle decisions (pure): when a session has expired, when a backend is
+due for recycling, and whether another may start draining now. Time is a parameter.
+
+The server's lifecycle loop takes a snapshot, asks these functions, then does the I/O (deleting
+sessions on backends, starting replacements, retiring drained backends). Recycling replaces the
+cron job that restarted every PhantomJS every 20 minutes and killed live sessions: a backend due
+for it stops taking new sessions, its replacement starts first, and it is stopped only once its
+live sessions have finished (or reached their idle timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .sessions import EndReason, Session
+
+log = logging.getLogger("stickyproxy")
+
+
+def expiry(session: Session, now: float, idle_timeout: float,
+           max_age: float) -> tuple[EndReason, str] | None:
+    """Why `session` must end now, or None. 0 turns a limit off."""
+    if max_age and now - session.created >= max_age:
+        return EndReason.MAX_AGE, f"older than {fmt(max_age)}"
+    if idle_timeout and now - session.last_used >= idle_timeout:
+        return EndReason.IDLE, f"no command for {fmt(idle_timeout)}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Wear:
+    """What a backend has been through since it (re)started."""
+
+    sessions: int  # sessions created on it
+    running_for: float  # seconds
+    memory: int | None  # resident bytes, when known
+
+
+def recycle_reason(wear: Wear, after_sessions: int, after_seconds: float,
+                   above_memory: int) -> str | None:
+    """A sentence saying why this backend is due for recycling, or None."""
+    if after_sessions and wear.sessions >= after_sessions:
+        return f"created {wear.sessions} sessions (--recycle-after-sessions {after_sessions})"
+    if after_seconds and wear.running_for >= after_seconds:
+        return f"ran {fmt(wear.running_for)} (--recycle-after {fmt(after_seconds)})"
+    if above_memory and wear.memory is not None and wear.memory > above_memory:
+        return (f"resident memory {wear.memory >> 20} MiB above "
+                f"--recycle-above-memory {above_memory >> 20} MiB")
+    return None
+
+
+def may_start_recycling(draining_now: int, max_recycling: int) -> bool:
+    return draining_now < max_recycling
+
+
+def fmt(seconds: float) -> str:
+    """Durations as people write them: 90 -> "1m30s", 0.25 -> "250ms"."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v) or "0s"
+
+
+# --- the loop (I/O) -------------------------------------------------------------------------
+
+
+class Lifecycle:
+    """Ends sessions on their backends, reaps expired ones, recycles worn backends and drains
+    the whole proxy on shutdown. `providers` maps a backend source to its provider; a provider
+    that can recycle has `replace(backend_id) -> new id` and `retire(backend_id)`."""
+
+    def __init__(self, pool, sessions, settings, providers: dict[str, Any],
+                 memory: Callable[[str], int | None] = lambda backend_id: None) -> None:
+        self.pool, self.sessions, self.settings = pool, sessions, settings
+        self.providers = providers
+        self.memory = memory
+        self.recycled_total = 0
+        self._deletes: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._tick = max(0.05, min(1.0, *(t / 4 for t in (settings.session_idle_timeout,
+                                                          settings.session_max_age) if t)))
+
+    # ending sessions
+    def end(self, sid: str, reason: EndReason, detail: str = "") -> bool:
+        """Drop the pin and delete the session on its backend (in the background, tracked)."""
+        session = self.sessions.end(sid, reason, detail)
+        if session is None:
+            return False
+        backend = self.pool.get(session.backend_id)
+        if backend is not None and backend.upstream is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._delete(backend, sid), name=f"delete-{sid}")
+            self._deletes.add(task)
+            task.add_done_callback(self._deletes.discard)
+        return True
+
+    async def _delete(self, backend, sid: str) -> None:
+        try:
+            answer = await backend.upstream.request("DELETE", f"/session/{sid}", (), None,
+                                                    timeout=self.settings.check_timeout)
+            await answer.read()
+            answer.release()
+            log.info("SESSION_DELETED session=%s backend=%s status=%d", sid, backend.id, answer.status)
+        except (OSError, TimeoutError) as exc:
+            log.warning('SESSION_DELETE_FAILED session=%s backend=%s reason="%s"', sid, backend.id,
+                        exc or "timeout")
+
+    async def flush(self) -> None:
+        """Wait for the deletes under way."""
+        while self._deletes:
+            await asyncio.gather(*list(self._deletes), return_exceptions=True)
+
+    # the loop
+    async def run(self) -> None:
+        while True:
+            self.reap(time.monotonic())
+            await self.recycle(time.monotonic())
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._tick)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    def reap(self, now: float) -> None:
+        s = self.settings
+        if not (s.session_idle_timeout or s.session_max_age):
+            return
+        for session in list(self.sessions.live.values()):
+            verdict = expiry(session, now, s.session_idle_timeout, s.session_max_age)
+            if verdict:
+                self.end(session.id, *verdict)
+
+    def _recycler(self, backend):
+        provider = self.providers.get(backend.spec.source)
+        return provider if provider is not None and hasattr(provider, "replace") else None
+
+    @property
+    def recycling_on(self) -> bool:
+        s = self.settings
+        return bool(s.recycle_after_sessions or s.recycle_after or s.recycle_above_memory)
+
+    def consider(self, backend, now: float) -> None:
+        """Drain `backend` for recycling if it is worn out. Called on every new session too, so
+        `--recycle-after-sessions N` means N, not N plus what arrived before the next tick."""
+        s = self.settings
+        if (not self.recycling_on or backend.admin != "ready" or not backend.health.up
+                or not self._recycler(backend)):
+            return
+        wear = Wear(backend.generation_sessions, now - backend.started, self.memory(backend.id))
+        reason = recycle_reason(wear, s.recycle_after_sessions, s.recycle_after,
+                                s.recycle_above_memory)
+        if reason and may_start_recycling(sum(1 for b in self.pool if b.recycling),
+                                          s.max_recycling):
+            self.pool.drain(backend.id, f"recycling: {reason}", recycling=True)
+            self._wake.set()
+
+    async def recycle(self, now: float) -> None:
+        for backend in list(self.pool):
+            if backend.recycling and not backend.replacement:
+                # Keep capacity: its replacement starts now, while it still serves its sessions.
+                backend.replacement = await self._recycler(backend).replace(backend.id)
+            elif backend.recycling:
+                await self._maybe_retire(backend)
+            else:
+                self.consider(backend, now)
+
+    async def _maybe_retire(self, backend) -> None:
+        if self.sessions.per_backend.get(backend.id, 0) or backend.pending:
+            return  # its live sessions finish first (or reach their idle timeout)
+        replacement = self.pool.get(backend.replacement) if backend.replacement else None
+        if backend.replacement and (replacement is None or not replacement.health.up):
+            return  # capacity first: stop it only once its replacement takes sessions
+        log.info("BACKEND_RECYCLED backend=%s replacement=%s", backend.id, backend.replacement or "-")
+        self.recycled_total += 1
+        await self._recycler(backend).retire(backend.id)
+
+    # shutdown
+    async def drain_all(self, timeout: float, hurry: asyncio.Event) -> None:
+        """Let live sessions finish for up to `timeout`, then delete what remains."""
+        deadline = time.monotonic() + timeout
+        while len(self.sessions) and time.monotonic() < deadline and not hurry.is_set():
+            await asyncio.sleep(0.1)
+        for sid in list(self.sessions.live):
+            self.end(sid, EndReason.SHUTDOWN, f"still open {fmt(timeout)} after SIGTERM")
+        await self.flush()

@@ -1,0 +1,114 @@
+"""The one FIFO queue of new sessions waiting for a free slot.
+
+A free slot is handed to the head of the queue *with its backend already reserved* (the picker
+counts it as pending), so a new arrival can never take the slot a waiter was woken for: first in,
+first served. A waiter that gives up (timeout, or its client disconnected and aiohttp cancelled
+the handler) leaves the queue at once and gives back a slot it was handed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False, slots=True)
+class Waiter:
+    cookie: str | None
+    tried: tuple[str, ...]
+    future: asyncio.Future
+    since: float = field(default_factory=time.monotonic)
+
+
+Pick = Callable[[str | None, tuple[str, ...]], "str | None"]  # reserve a backend, or None
+Release = Callable[[str], None]  # give back a reservation that was never used
+
+
+class SessionQueue:
+    def __init__(self, pick: Pick, release: Release, max_length: int) -> None:
+        self._pick, self._release = pick, release
+        self.max_length = max_length
+        self._waiters: deque[Waiter] = deque()
+        self.waited_total = 0
+        self.timeouts_total = 0
+        self.abandoned_total = 0
+        self.refused_total = 0
+        self.wait_seconds_total = 0.0
+        self.wait_seconds_max = 0.0
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def oldest_wait(self, now: float) -> float:
+        return now - self._waiters[0].since if self._waiters else 0.0
+
+    def admit(self, cookie: str | None, tried: tuple[str, ...] = ()) -> str | None:
+        """A reserved backend for a new arrival, or None if it has to queue. No barging: while
+        anyone waits, newcomers queue behind them."""
+        if self._waiters:
+            return None
+        return self._pick(cookie, tried)
+
+    async def wait(self, cookie: str | None, tried: tuple[str, ...], timeout: float) -> str:
+        """Queue until a backend is reserved for us; raises QueueFull or TimeoutError."""
+        if len(self._waiters) >= self.max_length:
+            self.refused_total += 1
+            raise QueueFull()
+        waiter = Waiter(cookie, tried, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self.waited_total += 1
+        self.dispatch()  # a slot may have freed between admit() and now
+        delivered = False
+        try:
+            async with asyncio.timeout(timeout):
+                backend_id = await waiter.future
+            delivered = True
+            return backend_id
+        except TimeoutError:
+            self.timeouts_total += 1
+            raise
+        except asyncio.CancelledError:
+            self.abandoned_total += 1
+            raise
+        finally:
+            self._leave(waiter, delivered)
+
+    def _leave(self, waiter: Waiter, delivered: bool) -> None:
+        waited = time.monotonic() - waiter.since
+        self.wait_seconds_total += waited
+        self.wait_seconds_max = max(self.wait_seconds_max, waited)
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+        future = waiter.future
+        if not delivered and future.done() and not future.cancelled() and future.exception() is None:
+            self._release(future.result())  # handed a slot, then gave up: give it back
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand free slots to waiters, oldest first; call whenever capacity may have freed."""
+        while self._waiters:
+            head = self._waiters[0]
+            if head.future.done():
+                self._waiters.popleft()
+                continue
+            backend_id = self._pick(head.cookie, head.tried)
+            if backend_id is None:
+                return
+            self._waiters.popleft()
+            head.future.set_result(backend_id)
+
+    def fail_all(self, exc: BaseException) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+

@@ -1,0 +1,51 @@
+import pytest
+
+from stickyproxy.lifecycle import Wear, expiry, fmt, may_start_recycling, recycle_reason
+from stickyproxy.sessions import EndReason, Session
+
+
+def session(created=0.0, last_used=0.0):
+    return Session("s", "b", "g", created, last_used)
+
+
+@pytest.mark.parametrize("now, idle, max_age, expected", [
+    (10, 300, 0, None),
+    (300, 300, 0, EndReason.IDLE),
+    (299.9, 300, 0, None),
+    (100, 0, 0, None),  # both off
+    (100, 300, 60, EndReason.MAX_AGE),  # busy but too old
+    (1000, 0, 0, None),
+])
+def test_expiry(now, idle, max_age, expected):
+    verdict = expiry(session(0, 0), now, idle, max_age)
+    assert (verdict[0] if verdict else None) is expected
+
+
+def test_expiry_says_how_long():
+    assert expiry(session(), 300, 300, 0) == (EndReason.IDLE, "no command for 5m")
+
+
+def test_a_busy_session_is_not_idle():
+    assert expiry(session(created=0, last_used=250), 300, 60 * 10, 0) is None
+
+
+@pytest.mark.parametrize("wear, args, expected", [
+    (Wear(5, 10, None), (5, 0, 0), "created 5 sessions"),
+    (Wear(4, 10, None), (5, 0, 0), None),
+    (Wear(0, 1200, None), (0, 1200, 0), "ran 20m"),
+    (Wear(0, 10, 600 << 20), (0, 0, 512 << 20), "resident memory 600 MiB"),
+    (Wear(0, 10, None), (0, 0, 512 << 20), None),  # unknown memory is no reason
+    (Wear(100, 10 ** 6, 10 ** 12), (0, 0, 0), None),  # all off
+])
+def test_recycle_reason(wear, args, expected):
+    reason = recycle_reason(wear, *args)
+    assert (reason is None) if expected is None else reason.startswith(expected)
+
+
+def test_recycling_is_bounded():
+    assert may_start_recycling(0, 1) and not may_start_recycling(1, 1)
+
+
+@pytest.mark.parametrize("seconds, text", [(0.25, "250ms"), (5, "5s"), (90, "1m30s"), (3600, "1h"), (0, "0ms")])
+def test_fmt(seconds, text):
+    assert fmt(seconds) == text

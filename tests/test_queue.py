@@ -1,0 +1,93 @@
+"""The new-session queue with a scripted picker: FIFO, no barging, timeouts, disconnects."""
+
+import asyncio
+
+import pytest
+
+from stickyproxy.queue import QueueFull, SessionQueue
+
+
+class Slots:
+    """A picker over `free` slots of one backend, recording reservations."""
+
+    def __init__(self, free=0):
+        self.free = free
+        self.released = 0
+
+    def pick(self, cookie, tried):
+        if self.free:
+            self.free -= 1
+            return "b1"
+        return None
+
+    def release(self, backend_id):
+        self.free += 1
+        self.released += 1
+
+
+async def test_first_in_first_served_and_no_barging():
+    slots = Slots()
+    queue = SessionQueue(slots.pick, slots.release, 10)
+    served = []
+
+    async def waiter(name):
+        await queue.wait(None, (), 5)
+        served.append(name)
+
+    tasks = [asyncio.create_task(waiter(n)) for n in "abc"]
+    await asyncio.sleep(0)
+    assert len(queue) == 3
+    slots.free = 1
+    assert queue.admit(None) is None  # a newcomer may not take the freed slot...
+    queue.dispatch()  # ...it goes to the head of the queue
+    await asyncio.sleep(0)
+    assert served == ["a"]
+    slots.free = 2
+    queue.dispatch()
+    await asyncio.gather(*tasks)
+    assert served == ["a", "b", "c"] and len(queue) == 0
+
+
+async def test_admit_takes_a_free_slot_when_nobody_waits():
+    slots = Slots(free=1)
+    queue = SessionQueue(slots.pick, slots.release, 10)
+    assert queue.admit(None) == "b1"
+    assert queue.admit(None) is None
+
+
+async def test_timeout_leaves_the_queue():
+    slots = Slots()
+    queue = SessionQueue(slots.pick, slots.release, 10)
+    with pytest.raises(TimeoutError):
+        await queue.wait(None, (), 0.05)
+    assert len(queue) == 0 and queue.timeouts_total == 1
+
+
+async def test_a_cancelled_waiter_leaves_at_once_and_gives_back_a_slot_it_was_handed():
+    slots = Slots()
+    queue = SessionQueue(slots.pick, slots.release, 10)
+    first = asyncio.create_task(queue.wait(None, (), 5))
+    second = asyncio.create_task(queue.wait(None, (), 5))
+    await asyncio.sleep(0)
+    first.cancel()  # its client disconnected
+    await asyncio.sleep(0)
+    assert len(queue) == 1 and queue.abandoned_total == 1
+    slots.free = 1
+    queue.dispatch()
+    second.cancel()  # handed the slot, but cancelled before it could use it
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert slots.released == 1 and slots.free == 1
+
+
+async def test_a_full_queue_refuses_at_once():
+    slots = Slots()
+    queue = SessionQueue(slots.pick, slots.release, 1)
+    task = asyncio.create_task(queue.wait(None, (), 5))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull):
+        await queue.wait(None, (), 5)
+    assert queue.refused_total == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
