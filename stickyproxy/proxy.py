@@ -16,6 +16,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from . import bridge
 from .backends import Backend, Pool
 from .lifecycle import Lifecycle, fmt
 from .queue import QueueFull, SessionQueue
@@ -52,7 +53,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         route = classify(request.method, request.rel_url.raw_path)
         if route.kind is Kind.SESSION or route.kind is Kind.DELETE_SESSION:
-            return await _session_command(request, route.session_id, route.kind)
+            return await _session_command(request, route.session_id, route.kind, route.rest)
         if route.kind is Kind.NEW_SESSION:
             return await _new_session(request)
         if route.kind is Kind.STATUS:
@@ -79,7 +80,8 @@ async def _body(request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | No
     return request.content.iter_any(), length
 
 
-async def _session_command(request: web.Request, sid: str, kind: Kind) -> web.StreamResponse:
+async def _session_command(request: web.Request, sid: str, kind: Kind,
+                           rest: str) -> web.StreamResponse:
     sessions = request.app[SESSIONS]
     session = sessions.get(sid)
     if session is None:
@@ -96,6 +98,8 @@ async def _session_command(request: web.Request, sid: str, kind: Kind) -> web.St
         raise WebDriverError.backend_unavailable(sid, session.backend_id, f"down: {why}")
     session.last_used = time.monotonic()
     session.requests += 1
+    if session.bridge is not None:
+        return await _bridged_command(request, session, backend, rest, kind)
     backend.requests_total += 1
     body, length = await _body(request)
     try:
@@ -154,6 +158,13 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
     if not isinstance(payload, dict):
         raise WebDriverError.invalid_argument("new session body must be a JSON object")
     cookie = request.headers.get("Cookie")
+    if bridge.client_dialect(payload) == "w3c":
+        # Sent with desiredCapabilities too, as Selenium 3 clients did: GhostDriver reads those,
+        # a W3C backend ignores them, and the answer's shape tells which one we reached.
+        body = json.dumps(bridge.new_session_request(payload)).encode()
+        w3c_client = True
+    else:
+        w3c_client = False
     tried: tuple[str, ...] = ()
     backend_id = queue.admit(cookie)
     while True:
@@ -165,14 +176,15 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
                 raise NotConnected("backend was removed")
             # Shielded: if the client leaves mid-attempt, a session the backend may create is
             # still learned, and deleted, instead of left running with nobody to quit it.
-            attempt = asyncio.ensure_future(_attempt(request, backend, body))
+            attempt = asyncio.ensure_future(_attempt(request, backend, body, w3c_client))
             try:
                 answer, data = await asyncio.shield(attempt)
             except asyncio.CancelledError:
                 attempt.add_done_callback(lambda t, b=backend: _orphaned(request.app, b, t))
                 raise
             try:  # pinned before the reservation is released, so the slot is never handed twice
-                return _pin_new_session(request, sessions, backend, answer, data, cookie)
+                return await _pin_new_session(request, sessions, backend, answer, data, cookie,
+                                              payload if w3c_client else None)
             finally:
                 answer.release()
         except (NotConnected, UpstreamError, TimeoutError) as exc:
@@ -213,9 +225,14 @@ async def _wait_for_slot(request: web.Request, cookie: str | None, tried: tuple[
             f"{len(pool.backends)} backends, --max-sessions {pool.max_sessions}") from None
 
 
-async def _attempt(request: web.Request, backend: Backend, body: bytes) -> tuple[Response, bytes]:
+async def _attempt(request: web.Request, backend: Backend, body: bytes,
+                   rewritten: bool) -> tuple[Response, bytes]:
+    headers = request.raw_headers
+    if rewritten:  # the body changed: its length is recomputed, its type stays JSON
+        headers = [h for h in headers if h[0].lower() != b"content-type"]
+        headers.append((b"Content-Type", b"application/json; charset=utf-8"))
     answer = await backend.upstream.request(
-        "POST", request.rel_url.raw_path_qs, request.raw_headers, body,
+        "POST", request.rel_url.raw_path_qs, headers, body,
         timeout=request.app[TIMEOUT], fresh=True)
     try:
         return answer, await answer.read()
@@ -241,32 +258,104 @@ def _orphaned(app: web.Application, backend: Backend, attempt: asyncio.Future) -
         app[LIFE].end(sid, EndReason.CLIENT_DELETE, "client left before the new session answer")
 
 
-def _pin_new_session(request: web.Request, sessions: SessionTable, backend: Backend,
-                     answer: Response, data: bytes, cookie: str | None) -> web.Response:
+async def _pin_new_session(request: web.Request, sessions: SessionTable, backend: Backend,
+                           answer: Response, data: bytes, cookie: str | None,
+                           w3c_payload: dict | None) -> web.Response:
+    """Learn the session id from a backend's new-session answer and pin it. For a W3C client
+    (`w3c_payload` given) whose backend answered JSONWP, the session is bridged."""
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in answer.headers
                if k.lower() not in HOP_BY_HOP]
     headers.append((BACKEND_HEADER, backend.id))
-    if not 200 <= answer.status < 300:
-        log.warning("SESSION_NOT_CREATED backend=%s status=%d", backend.id, answer.status)
-        return web.Response(status=answer.status, body=data, headers=headers)
     try:
         parsed = json.loads(data)
     except ValueError:
         parsed = None
-    sid = session_id_of(parsed)
+    bridged = None
+    if w3c_payload is not None and bridge.response_dialect(parsed) != "w3c" and (
+            bridge.response_dialect(parsed) == "jsonwp" or backend.dialect == "jsonwp"):
+        status, parsed, sid = bridge.new_session_response(answer.status, parsed, w3c_payload)
+        if sid is None:
+            log.warning('SESSION_NOT_CREATED backend=%s status=%d reason="%s"', backend.id,
+                        answer.status, parsed["value"]["message"])
+            return _json(status, parsed, backend)
+        bridged = bridge.BridgeSession.from_request(w3c_payload)
+    elif not 200 <= answer.status < 300:
+        log.warning("SESSION_NOT_CREATED backend=%s status=%d", backend.id, answer.status)
+        return web.Response(status=answer.status, body=data, headers=headers)
+    else:
+        sid = session_id_of(parsed)
     if sid is None:
         backend.errors_total += 1
         log.warning('SESSION_NOT_CREATED backend=%s reason="answer has no session id"', backend.id)
         raise WebDriverError.session_not_created(
             f"backend {backend.id} answered the new session without a session id")
     now = time.monotonic()
-    sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now, cookie or ""))
+    sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now, cookie or "",
+                         bridge=bridged))
     backend.sessions_total += 1
     backend.generation_sessions += 1
-    request.app[LIFE].consider(backend, now)
     backend.requests_total += 1
-    backend.dialect = "jsonwp" if isinstance(parsed.get("status"), int) else "w3c"
-    return web.Response(status=answer.status, body=data, headers=headers)
+    request.app[LIFE].consider(backend, now)
+    if bridged is None:
+        backend.dialect = "jsonwp" if isinstance(parsed, dict) and isinstance(
+            parsed.get("status"), int) else "w3c"
+        return web.Response(status=answer.status, body=data, headers=headers)
+    backend.dialect = "jsonwp"
+    setup = bridged.setup()  # timeouts the client asked for in its capabilities
+    if setup is not None:
+        reply = await bridge.run(setup, _sender(request.app, backend, sid))
+        if reply.status != 200:
+            return _json(reply.status, reply.body, backend)
+    return _json(status, parsed, backend)
+
+
+def _json(status: int, body, backend: Backend) -> web.Response:
+    return web.Response(status=status, body=json.dumps(body).encode(),
+                        content_type="application/json", charset="utf-8",
+                        headers={BACKEND_HEADER: backend.id})
+
+
+def _sender(app: web.Application, backend: Backend, sid: str):
+    """The bridge's `send`: one JSONWP call on the session's backend, parsed."""
+    async def send(method: str, subpath: str, body) -> tuple[int, object]:
+        payload = None if body is None else json.dumps(body).encode()
+        headers = [(b"Content-Type", b"application/json; charset=utf-8")] if payload else []
+        backend.requests_total += 1
+        answer = await backend.upstream.request(method, f"/session/{sid}{subpath}", headers,
+                                                payload, timeout=app[TIMEOUT])
+        try:
+            raw = await answer.read()
+        finally:
+            answer.release()
+        try:
+            return answer.status, json.loads(raw)
+        except ValueError:
+            return answer.status, raw.decode("utf-8", "replace")
+    return send
+
+
+async def _bridged_command(request: web.Request, session: Session, backend: Backend,
+                           rest: str, kind: Kind) -> web.Response:
+    """A W3C command of a session on a JSONWP backend: planned and answered by the bridge."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw.strip() else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WebDriverError.invalid_argument(f"body is not JSON: {exc}") from None
+    step = session.bridge.plan(request.method, rest, body)
+    try:
+        reply = await bridge.run(step, _sender(request.app, backend, session.id))
+    except (NotConnected, UpstreamError, TimeoutError) as exc:
+        backend.errors_total += 1
+        why = str(exc) or f"no answer within {request.app[TIMEOUT]:g}s"
+        log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', session.id, backend.id, why)
+        if kind is Kind.DELETE_SESSION:
+            request.app[SESSIONS].end(session.id, EndReason.CLIENT_DELETE,
+                                      f"delete not confirmed: {why}")
+        raise WebDriverError.backend_unavailable(session.id, backend.id, why) from None
+    if kind is Kind.DELETE_SESSION:
+        request.app[SESSIONS].end(session.id, EndReason.CLIENT_DELETE)
+    return _json(reply.status, reply.body, backend)
 
 
 def _no_backend_message(pool: Pool, tried: list[str]) -> str:

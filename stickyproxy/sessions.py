@@ -12,7 +12,7 @@ import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger("stickyproxy")
 
@@ -47,7 +47,7 @@ class Session:
     created: float
     last_used: float
     cookie: str = ""
-    bridge: bool = False  # W3C client on a JSONWP backend: commands go through the bridge
+    bridge: Any = None  # bridge.BridgeSession: a W3C client on a JSONWP backend
     requests: int = 0
 
 

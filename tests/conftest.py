@@ -101,7 +101,7 @@ def _start_phantom(binary: str, port: int | None = None) -> Phantom:
     return phantom
 
 
-def _close_pipes(proc: subprocess.Popen) -> None:
+def close_pipes(proc: subprocess.Popen) -> None:
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe:
             pipe.close()
@@ -233,7 +233,7 @@ def stickyproxy():
         proxy.shutdown()
     for proxy in started:
         proxy.pump.join(5)
-        _close_pipes(proxy.proc)
+        close_pipes(proxy.proc)
 
 
 def wait_up(proxy: Proxy, count: int, timeout: float = 30) -> None:
@@ -303,7 +303,7 @@ def selenium3_client(selenium3):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        _close_pipes(proc)
+        close_pipes(proc)
 
 
 # --- a local site --------------------------------------------------------------------------
