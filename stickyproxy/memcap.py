@@ -26,6 +26,45 @@ def rss_of(pid: int) -> int | None:
         return None
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def pss_of(pid: int) -> int | None:
+    """Proportional set size: resident memory with shared pages divided among their users."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss_of(pid)
+
+
+def tree_rss(pid: int) -> int | None:
+    """Resident memory of a process and all its descendants (chromedriver and its Chromium).
+    A lone process counts its RSS; a tree counts PSS, or Chromium's many processes would each
+    count the same shared pages again."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        if current not in tree:
+            tree.append(current)
+            todo.extend(_children(current))
+    if len(tree) == 1:
+        return rss_of(pid)
+    sizes = [s for s in map(pss_of, tree) if s is not None]
+    return sum(sizes) if sizes else None
+
+
 class Watchdog:
     """No kernel help: compare resident memory with the cap when polled."""
 
@@ -39,7 +78,7 @@ class Watchdog:
         self.pid = pid
 
     def usage(self) -> int | None:
-        return rss_of(self.pid) if self.pid else None
+        return tree_rss(self.pid) if self.pid else None
 
     def over(self) -> bool:
         used = self.usage()

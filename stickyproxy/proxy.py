@@ -24,7 +24,7 @@ from .health import DOWN
 from .routing import Attempt, choose, may_retry_elsewhere
 from .sessions import EndReason, Session, SessionTable
 from .upstream import HOP_BY_HOP, NotConnected, Response, UpstreamError
-from .webdriver import Kind, WebDriverError, classify, session_id_of
+from .webdriver import Kind, WebDriverError, classify, session_id_of, with_chrome_args
 
 log = logging.getLogger("stickyproxy")
 
@@ -176,7 +176,10 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
                 raise NotConnected("backend was removed")
             # Shielded: if the client leaves mid-attempt, a session the backend may create is
             # still learned, and deleted, instead of left running with nobody to quit it.
-            attempt = asyncio.ensure_future(_attempt(request, backend, body, w3c_client))
+            chrome_args = backend.spec.meta.get("chrome_args") if w3c_client else None
+            sent = (json.dumps(bridge.new_session_request(with_chrome_args(payload, chrome_args)))
+                    .encode() if chrome_args else body)
+            attempt = asyncio.ensure_future(_attempt(request, backend, sent, w3c_client))
             try:
                 answer, data = await asyncio.shield(attempt)
             except asyncio.CancelledError:

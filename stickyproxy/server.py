@@ -23,7 +23,7 @@ from .health import UP, check_loop, probe
 from .lifecycle import Lifecycle, fmt
 from .queue import SessionQueue
 from .webdriver import WebDriverError
-from .providers.processes import LocalPhantomJS, find_phantomjs
+from .providers.processes import BROWSERS, LocalProcesses, find_chromedriver, find_phantomjs
 from .providers.static import StaticProvider
 from .sessions import EndReason, SessionTable, missing_sessions
 from .upstream import Upstream
@@ -56,8 +56,11 @@ class Server:
         if s.backend:
             self.providers.append(StaticProvider(s.backend))
         if s.local_count:
-            self.providers.append(LocalPhantomJS(s.local_count, find_phantomjs(s.phantomjs),
-                                                 s.mem_limit, mem_enforce=s.mem_enforce))
+            binary = (find_chromedriver(s.chromedriver) if s.local_browser == "chromium"
+                      else find_phantomjs(s.phantomjs))
+            self.providers.append(LocalProcesses(s.local_count, binary, s.mem_limit,
+                                                 browser=BROWSERS[s.local_browser],
+                                                 mem_enforce=s.mem_enforce))
 
     # backends come and go
     def _backend_added(self, backend: Backend) -> None:

@@ -72,6 +72,21 @@ def session_id_of(answer: Any) -> str | None:
     return sid if isinstance(sid, str) and _SESSION_ID.match(sid) else None
 
 
+def with_chrome_args(payload: dict, args) -> dict:
+    """A W3C new-session payload with `args` added to goog:chromeOptions.args (in alwaysMatch)
+    where the client did not give them already; the client's own payload is not changed."""
+    caps = payload.get("capabilities")
+    if not isinstance(caps, dict):
+        return payload
+    always = dict(caps.get("alwaysMatch") or {})
+    options = dict(always.get("goog:chromeOptions") or {})
+    given = list(options.get("args") or [])
+    names = {a.split("=", 1)[0] for a in given if isinstance(a, str)}
+    options["args"] = given + [a for a in args if a.split("=", 1)[0] not in names]
+    always["goog:chromeOptions"] = options
+    return {**payload, "capabilities": {**caps, "alwaysMatch": always}}
+
+
 def dialect_of_status(answer: Any) -> str:
     """`jsonwp` for GhostDriver-style /status answers (top-level numeric status), else `w3c`."""
     if isinstance(answer, dict) and isinstance(answer.get("status"), int):

@@ -308,19 +308,29 @@ def selenium3_client(selenium3):
 
 # --- a local site --------------------------------------------------------------------------
 
-PAGES = Path(__file__).resolve().parent / "pages"
+HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="session")
-def pages() -> str:
-    """Base URL of tests/pages served on 127.0.0.1."""
-    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(PAGES), **kw)  # noqa: E731
+def _serve(directory: Path):
+    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(directory), **kw)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def pages() -> str:
+    """Base URL of tests/pages (a tiny site for load tests) served on 127.0.0.1."""
+    yield from _serve(HERE / "pages")
+
+
+@pytest.fixture(scope="session")
+def shop() -> str:
+    """Base URL of tests/site (links, a form, JavaScript, frames, dialogs, a popup)."""
+    yield from _serve(HERE / "site")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

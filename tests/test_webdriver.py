@@ -51,3 +51,14 @@ def test_errors_render_as_w3c_and_never_above_500():
         body = json.loads(err.body())
         assert set(body) == {"value"} and {"error", "message"} <= set(body["value"])
         assert 400 <= err.status <= 500  # Selenium 3 reads >500 as success
+
+
+def test_chrome_args_are_added_where_the_client_gave_none():
+    from stickyproxy.webdriver import with_chrome_args
+    payload = {"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"args": ["--headless=old"]}},
+                                "firstMatch": [{}]}}
+    out = with_chrome_args(payload, ("--headless=new", "--no-sandbox"))
+    assert out["capabilities"]["alwaysMatch"]["goog:chromeOptions"]["args"] == [
+        "--headless=old", "--no-sandbox"]  # the client's own choice wins
+    assert payload["capabilities"]["alwaysMatch"]["goog:chromeOptions"]["args"] == ["--headless=old"]
+    assert with_chrome_args({"desiredCapabilities": {}}, ("--x",)) == {"desiredCapabilities": {}}

@@ -1,10 +1,11 @@
-"""Local PhantomJS processes (`--local N`, the embedded default).
+"""Local WebDriver processes (`--local N`, the embedded default): PhantomJS, or chromedriver
+with Chromium (`--local-browser chromium`).
 
-Each slot runs one `phantomjs --webdriver=127.0.0.1:PORT` on a free loopback port with its
-resident memory capped (memcap), is published only once its port accepts connections (so it is
-up after one good check, not after a failed one and `rise` more), and is restarted with backoff
-when it exits. A death is reported to the pool at once (`lost`) with its reason, so sessions on
-it end with that reason instead of waiting for the health checks.
+Each slot runs one server on a free loopback port with its resident memory capped (memcap; a
+cgroup also holds the browsers chromedriver starts), is published only once its port accepts
+connections (so it is up after one good check, not after a failed one and `rise` more), and is
+restarted with backoff when it exits. A death is reported to the pool at once (`lost`) with its
+reason, so sessions on it end with that reason instead of waiting for the health checks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .. import memcap
 from . import BackendSpec, PoolSink
@@ -29,7 +30,43 @@ log = logging.getLogger("stickyproxy")
 
 
 class PhantomJSNotFound(RuntimeError):
-    pass
+    """The browser or driver binary to start is missing (PhantomJS or chromedriver)."""
+
+
+@dataclass(frozen=True)
+class Browser:
+    """How to start one kind of local WebDriver server."""
+
+    name: str
+    argv: Callable[[str, int], list[str]]
+    env: Mapping[str, str] = field(default_factory=dict)
+    # Chromium needs these on a server (root, no display, closed network); merged into every
+    # W3C new session for this backend unless the client gave them.
+    chrome_args: tuple[str, ...] = ()
+
+
+PHANTOMJS = Browser(
+    "phantomjs",
+    lambda binary, port: [binary, f"--webdriver=127.0.0.1:{port}", "--webdriver-loglevel=WARN"],
+    {"OPENSSL_CONF": "/dev/null"})  # the packaged build crashes on Debian's OpenSSL config
+
+CHROMIUM = Browser(
+    "chromium",
+    lambda binary, port: [binary, f"--port={port}", "--allowed-ips=127.0.0.1"],
+    chrome_args=("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"))
+
+BROWSERS = {b.name: b for b in (PHANTOMJS, CHROMIUM)}
+
+
+def find_chromedriver(explicit: str = "") -> str:
+    found = explicit or shutil.which("chromedriver")
+    if not found or not os.access(found, os.X_OK):
+        raise PhantomJSNotFound(
+            f"chromedriver not found{' at ' + explicit if explicit else ''}: install Debian's "
+            "chromium and chromium-driver packages, or pass --chromedriver PATH")
+    return found
 
 
 def find_phantomjs(explicit: str = "") -> str:
@@ -91,19 +128,20 @@ class _Slot:
     retired: bool = False
 
 
-class LocalPhantomJS:
+class LocalProcesses:
     source = "local"
 
-    def __init__(self, count: int, binary: str, mem_limit: int, *, mem_enforce: str = "auto",
-                 watch_interval: float = 1.0,
+    def __init__(self, count: int, binary: str, mem_limit: int, *, browser: Browser = PHANTOMJS,
+                 mem_enforce: str = "auto", watch_interval: float = 1.0,
                  start_timeout: float = 30.0, log_dir: str | None = None) -> None:
         self.count = count
         self.binary = binary
+        self.browser = browser
         self.mem_limit = mem_limit
         self.mem_enforce = mem_enforce
         self.watch_interval = watch_interval
         self.start_timeout = start_timeout
-        self.log_dir = log_dir or tempfile.mkdtemp(prefix="stickyproxy-phantomjs-")
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix=f"stickyproxy-{browser.name}-")
         if mem_enforce == "cgroup":  # refuse at start-up, not on the first restart
             memcap.make_cap("probe", mem_limit, mem_enforce).remove()
         self.slots = {i: _Slot(i) for i in range(1, count + 1)}
@@ -145,7 +183,7 @@ class LocalPhantomJS:
 
     def memory(self, backend_id: str) -> int | None:
         slot = next((s for s in self.slots.values() if self._id(s) == backend_id), None)
-        return memcap.rss_of(slot.process.pid) if slot and slot.process else None
+        return memcap.tree_rss(slot.process.pid) if slot and slot.process else None
 
     async def _supervise(self, slot: _Slot, sink: PoolSink) -> None:
         delay = 1.0
@@ -162,7 +200,8 @@ class LocalPhantomJS:
             self.specs[slot.index] = BackendSpec(
                 self._id(slot), f"http://127.0.0.1:{slot.port}", self.source,
                 generation=str(slot.process.pid),
-                meta={"pid": slot.process.pid, "port": slot.port})
+                meta={"pid": slot.process.pid, "port": slot.port, "browser": self.browser.name,
+                      "chrome_args": self.browser.chrome_args})
             sink.publish(self.source, list(self.specs.values()))
             code = await self._wait(slot)
             if self._closing or slot.retired:
@@ -183,11 +222,11 @@ class LocalPhantomJS:
         slot.port = free_port()
         slot.killed_for_memory = False
         slot.log_path = os.path.join(self.log_dir, f"local-{slot.index}.log")
-        env = dict(os.environ, OPENSSL_CONF="/dev/null")
+        env = dict(os.environ, **self.browser.env)
         slot.cap = memcap.make_cap(f"local-{slot.index}", self.mem_limit, self.mem_enforce)
         with open(slot.log_path, "ab") as out:
             slot.process = await asyncio.create_subprocess_exec(
-                self.binary, f"--webdriver=127.0.0.1:{slot.port}", "--webdriver-loglevel=WARN",
+                *self.browser.argv(self.binary, slot.port),
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                 start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not theirs
                 preexec_fn=_die_with_parent)
@@ -196,15 +235,16 @@ class LocalPhantomJS:
         deadline = time.monotonic() + self.start_timeout
         while True:  # ready when its port accepts a connection (Selenoid polls the same way)
             if slot.process.returncode is not None:
-                raise OSError(f"phantomjs exited with code {slot.process.returncode} at start; "
-                              f"see {slot.log_path}")
+                raise OSError(f"{self.browser.name} exited with code {slot.process.returncode} "
+                              f"at start; see {slot.log_path}")
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", slot.port)
                 writer.close()
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"phantomjs did not listen within {self.start_timeout:g}s")
+                    raise TimeoutError(f"{self.browser.name} did not listen within "
+                                       f"{self.start_timeout:g}s")
                 await asyncio.sleep(0.05)
 
     async def _wait(self, slot: _Slot) -> int:
@@ -249,7 +289,8 @@ class LocalPhantomJS:
                 "pid": slot.process.pid if slot.process and slot.process.returncode is None else None,
                 "restarts": slot.restarts,
                 "exits": dict(slot.exits),
-                "memory": {"rss_bytes": memcap.rss_of(slot.process.pid) if cap else None,
+                "browser": self.browser.name,
+                "memory": {"rss_bytes": memcap.tree_rss(slot.process.pid) if cap else None,
                            "limit_bytes": self.mem_limit,
                            "cap": cap.kind if cap else None},
                 "log": slot.log_path,
@@ -267,8 +308,13 @@ def _die_with_parent() -> None:
 
 
 def _kill(proc: asyncio.subprocess.Process, sig: int) -> None:
+    """Signal the process and everything it started (its own process group: chromedriver's
+    browsers, PhantomJS's helpers)."""
     try:
-        proc.send_signal(sig)
-    except ProcessLookupError:
-        pass
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
