@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import tomllib
 
-from . import config
+from . import config, logs
 from .memcap import NoCgroup
 from .providers.processes import PhantomJSNotFound
 
@@ -27,11 +26,16 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="a TOML file of options")
     for f in config.options():
         default = f.metadata["shown"] or f.default
+        switch = f.type in (bool, "bool")  # `--access-log` alone means on; a value may follow
         serve.add_argument(
-            config.flag(f), dest=f.name, metavar=f.metadata["metavar"] or None,
+            config.flag(f), dest=f.name, metavar=f.metadata["metavar"] or ("BOOL" if switch else None),
             action="append" if f.metadata["repeat"] else "store",
+            **({"nargs": "?", "const": "true"} if switch else {}),
             help=f"{f.metadata['help']} (default: {default}; env {config.env_name(f)})")
     commands.add_parser("options", help="print the option table (Markdown)")
+    hashing = commands.add_parser("hash-password",
+                                  help="print a line for the --auth-users file (asks for the password)")
+    hashing.add_argument("user")
     return top
 
 
@@ -52,13 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "options":
         print(config.option_table())
         return 0
+    if args.command == "hash-password":
+        import getpass
+        from .auth import hash_password
+        password = (getpass.getpass(f"password for {args.user}: ") if sys.stdin.isatty()
+                    else sys.stdin.readline().rstrip("\n"))
+        if not password or ":" in args.user:
+            print("stickyproxy: need a user name without ':' and a non-empty password", file=sys.stderr)
+            return 2
+        print(f"{args.user}:{hash_password(password)}")
+        return 0
     try:
         settings = config.build(vars(args), os.environ, load_file(args.config))
     except config.ConfigError as exc:
         print(f"stickyproxy: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logs.setup(settings.log_level, settings.log_format, sys.stderr)
     from .server import serve  # aiohttp loads only when serving
 
     try:
@@ -70,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(serve(settings))
         else:
             asyncio.run(serve(settings))
-    except (PhantomJSNotFound, NoCgroup) as exc:
+    except (PhantomJSNotFound, NoCgroup, config.ConfigError) as exc:
         print(f"stickyproxy: {exc}", file=sys.stderr)
         return 2
     return 0

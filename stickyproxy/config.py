@@ -74,6 +74,12 @@ def parse_optional_size(text: str | int) -> int:
     return parse_size(text)
 
 
+def _rate(text: Any) -> str:
+    from .ratelimit import parse_rate
+    parse_rate(text)  # validate; kept as text so --help and the README show what was given
+    return str(text)
+
+
 def _positive_int(text: Any) -> int:
     value = int(text)
     if value < 1:
@@ -86,6 +92,17 @@ def _count(text: Any) -> int:
     if value < 0:
         raise ValueError(f"must be 0 or more: {text!r}")
     return value
+
+
+def _flag(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    word = str(text).strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false: {text!r}")
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -109,7 +126,8 @@ def _opt(default: Any, help: str, parse: Callable[[Any], Any] = str, *, repeat: 
 class Settings:
     listen: tuple[str, int] = _opt(("0.0.0.0", 8910), "WebDriver port", parse_hostport,
                                    metavar="HOST:PORT", shown="0.0.0.0:8910")
-    stats_listen: tuple[str, int] = _opt(("0.0.0.0", 8911), "stats port (JSON /stats, /healthz)",
+    stats_listen: tuple[str, int] = _opt(("0.0.0.0", 8911), "stats port (dashboard /, JSON "
+                                                            "/stats, /metrics, /healthz)",
                                          parse_hostport, metavar="HOST:PORT", shown="0.0.0.0:8911")
     backend: tuple[str, ...] = _opt((), "a WebDriver server URL, repeatable", parse_url,
                                     repeat=True, metavar="URL", shown="none")
@@ -169,6 +187,28 @@ class Settings:
     admin_token: str = _opt("", "token for the admin API on the stats port (Authorization: "
                                 "Bearer); without it the admin API is off", metavar="TOKEN",
                             shown="none (admin API off)")
+    auth_token: str = _opt("", "require this token on the WebDriver port: Authorization: Bearer T, "
+                               "or HTTP Basic with password T and any user name", metavar="TOKEN",
+                           shown="none (no authentication)")
+    auth_users: str = _opt("", "require HTTP Basic credentials from this file of hashed passwords "
+                               "(`stickyproxy hash-password` makes lines)", metavar="FILE",
+                           shown="none")
+    max_body: int = _opt(64 << 20, "largest request body (uploads are base64 in JSON)",
+                         parse_size, metavar="SIZE", shown="64m")
+    new_session_rate: str = _opt("off", "new sessions per client address, e.g. 5/s or 100/m; "
+                                        "more get 429 with Retry-After", _rate,
+                                 metavar="RATE", shown="off")
+    backend_connect_timeout: float = _opt(10.0, "longest wait to connect to a backend",
+                                          parse_duration, metavar="DURATION", shown="10s")
+    client_idle_timeout: float = _opt(75.0, "close a client's idle keep-alive connection after",
+                                      parse_duration, metavar="DURATION", shown="75s")
+    max_header_size: int = _opt(8190, "longest request line or header field", parse_size,
+                                metavar="SIZE", shown="8190")
+    log_format: str = _opt("text", "log line format: text (`EVENT key=value ...`) or json (one "
+                                   "object per line, for log shippers)", _choice("text", "json"),
+                           metavar="FORMAT")
+    access_log: bool = _opt(False, "log an `ACCESS` line per WebDriver request (session, backend, "
+                                   "status, latency)", _flag, shown="off")
     log_level: str = _opt("info", "log level", _choice("debug", "info", "warning", "error"),
                           metavar="LEVEL")
 

@@ -15,16 +15,19 @@ import time
 from typing import AsyncIterator
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from . import bridge
 from .backends import Backend, Pool
+from .guard import Guard
 from .lifecycle import Lifecycle, fmt
 from .queue import QueueFull, SessionQueue
 from .health import DOWN
 from .routing import Attempt, choose, may_retry_elsewhere
 from .sessions import EndReason, Session, SessionTable
 from .upstream import HOP_BY_HOP, NotConnected, Response, UpstreamError
-from .webdriver import Kind, WebDriverError, classify, session_id_of, with_chrome_args
+from .webdriver import (Kind, WebDriverError, check_target, classify, session_id_of,
+                        with_chrome_args)
 
 log = logging.getLogger("stickyproxy")
 
@@ -35,6 +38,7 @@ QUEUE = web.AppKey("queue", SessionQueue)
 QUEUE_TIMEOUT = web.AppKey("queue_timeout", float)
 LIFE = web.AppKey("lifecycle", Lifecycle)
 STATE = web.AppKey("state", object)  # .shutting_down
+GUARD = web.AppKey("guard", Guard)
 
 BACKEND_HEADER = "X-Stickyproxy-Backend"
 _BUFFER_LIMIT = 1 << 20  # bodies up to this are forwarded whole; larger ones stream
@@ -45,13 +49,29 @@ def error_response(err: WebDriverError, backend: str | None = None) -> web.Respo
     headers = dict(err.headers)
     if backend:
         headers[BACKEND_HEADER] = backend
-    return web.Response(status=err.status, body=err.body(), content_type="application/json",
-                        charset="utf-8", headers=headers)
+    response = web.Response(status=err.status, body=err.body(), content_type="application/json",
+                            charset="utf-8", headers=headers)
+    if err.close:
+        response.force_close()
+    return response
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    guard = request.app[GUARD]
     try:
+        try:
+            check_target(request.method, request.raw_path)
+        except WebDriverError as err:
+            raise guard.refuse("bad_request", err, request.remote) from None
         route = classify(request.method, request.rel_url.raw_path)
+        if guard.auth.enabled and route.kind is not Kind.STATUS:
+            verdict = guard.auth.check(request.headers.get("Authorization"))
+            if not verdict.ok:
+                raise guard.refuse("auth", guard.unauthenticated(verdict.reason), request.remote)
+            request["principal"] = verdict.principal
+        length = request.content_length
+        if length is not None and length > guard.max_body:
+            raise guard.refuse("body_too_large", guard.too_large(length), request.remote)
         if route.kind is Kind.SESSION or route.kind is Kind.DELETE_SESSION:
             return await _session_command(request, route.session_id, route.kind, route.rest)
         if route.kind is Kind.NEW_SESSION:
@@ -77,13 +97,26 @@ async def _body(request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | No
         return None, 0
     if length is not None and length <= _BUFFER_LIMIT:
         return await request.read(), length
-    return request.content.iter_any(), length
+    return _limited(request), length
+
+
+async def _limited(request: web.Request) -> AsyncIterator[bytes]:
+    """A streamed body, cut off at --max-body (a chunked upload declares no length up front)."""
+    guard, seen = request.app[GUARD], 0
+    async for chunk in request.content.iter_any():
+        seen += len(chunk)
+        if seen > guard.max_body:
+            raise guard.refuse("body_too_large", guard.too_large(None), request.remote)
+        yield chunk
 
 
 async def _session_command(request: web.Request, sid: str, kind: Kind,
                            rest: str) -> web.StreamResponse:
     sessions = request.app[SESSIONS]
     session = sessions.get(sid)
+    if session is not None and session.owner != request.get("principal", ""):
+        # Someone else's: indistinguishable from no session at all.
+        raise WebDriverError.invalid_session(sid, "no such session on this proxy")
     if session is None:
         ended = sessions.why_ended(sid)
         if ended is None:
@@ -116,10 +149,11 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
     if kind is Kind.DELETE_SESSION:
         # Forwarded and answered: whatever the backend said, the client is done with it.
         sessions.end(sid, EndReason.CLIENT_DELETE)
-    return await _relay(request, answer, backend)
+    return await _relay(request, answer, backend, sid)
 
 
-async def _relay(request: web.Request, answer: Response, backend: Backend) -> web.StreamResponse:
+async def _relay(request: web.Request, answer: Response, backend: Backend,
+                 sid: str) -> web.StreamResponse:
     """Send a backend's answer on to the client: whole when small, streamed when large."""
     try:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in answer.headers
@@ -139,7 +173,7 @@ async def _relay(request: web.Request, answer: Response, backend: Backend) -> we
         return response
     except (UpstreamError, TimeoutError) as exc:
         backend.errors_total += 1
-        log.warning('PROXY_ERROR backend=%s reason="%s"', backend.id, exc)
+        log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', sid, backend.id, exc)
         raise WebDriverError.unknown(f"backend {backend.id} failed mid-answer: {exc}") from None
     finally:
         answer.release()
@@ -150,7 +184,14 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
                                     request.app[STATE])
     if state.shutting_down:
         raise WebDriverError.session_not_created("stickyproxy is shutting down")
-    body = await request.read()
+    guard = request.app[GUARD]
+    wait = guard.limiter.take(request.remote or "-", time.monotonic())
+    if wait:
+        raise guard.refuse("rate", guard.too_fast(wait), request.remote)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise guard.refuse("body_too_large", guard.too_large(None), request.remote) from None
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -183,7 +224,8 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
             try:
                 answer, data = await asyncio.shield(attempt)
             except asyncio.CancelledError:
-                attempt.add_done_callback(lambda t, b=backend: _orphaned(request.app, b, t))
+                owner = request.get("principal", "")
+                attempt.add_done_callback(lambda t, b=backend: _orphaned(request.app, b, t, owner))
                 raise
             try:  # pinned before the reservation is released, so the slot is never handed twice
                 return await _pin_new_session(request, sessions, backend, answer, data, cookie,
@@ -244,7 +286,8 @@ async def _attempt(request: web.Request, backend: Backend, body: bytes,
         raise
 
 
-def _orphaned(app: web.Application, backend: Backend, attempt: asyncio.Future) -> None:
+def _orphaned(app: web.Application, backend: Backend, attempt: asyncio.Future,
+              owner: str) -> None:
     """The client left while its new session was being created: pin it, then end it at once
     (deleted on the backend), so it is counted and logged instead of leaking."""
     if attempt.cancelled() or attempt.exception() is not None:
@@ -257,7 +300,7 @@ def _orphaned(app: web.Application, backend: Backend, attempt: asyncio.Future) -
         sid = None
     if sid:
         now = time.monotonic()
-        app[SESSIONS].pin(Session(sid, backend.id, backend.spec.generation, now, now))
+        app[SESSIONS].pin(Session(sid, backend.id, backend.spec.generation, now, now, owner=owner))
         app[LIFE].end(sid, EndReason.CLIENT_DELETE, "client left before the new session answer")
 
 
@@ -294,7 +337,7 @@ async def _pin_new_session(request: web.Request, sessions: SessionTable, backend
             f"backend {backend.id} answered the new session without a session id")
     now = time.monotonic()
     sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now, cookie or "",
-                         bridge=bridged))
+                         bridge=bridged, owner=request.get("principal", "")))
     backend.sessions_total += 1
     backend.generation_sessions += 1
     backend.requests_total += 1
@@ -373,9 +416,9 @@ def _no_backend_message(pool: Pool, tried: list[str]) -> str:
 
 
 def make_app(pool: Pool, sessions: SessionTable, queue: SessionQueue, life: Lifecycle, state,
-             backend_timeout: float, queue_timeout: float,
-             client_max_size: int = 64 << 20) -> web.Application:
-    app = web.Application(client_max_size=client_max_size)
+             guard: Guard, backend_timeout: float, queue_timeout: float) -> web.Application:
+    app = web.Application(client_max_size=guard.max_body, middlewares=[_every_request])
+    app[GUARD] = guard
     app[POOL] = pool
     app[SESSIONS] = sessions
     app[QUEUE] = queue
@@ -383,5 +426,45 @@ def make_app(pool: Pool, sessions: SessionTable, queue: SessionQueue, life: Life
     app[STATE] = state
     app[TIMEOUT] = backend_timeout
     app[QUEUE_TIMEOUT] = queue_timeout
-    app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+@web.middleware
+async def _every_request(request: web.Request, handler) -> web.StreamResponse:
+    """All requests come here, whatever their target: the router would answer targets that are
+    not paths (CONNECT host:443, absolute-form) with its own text/plain 404, and matching one
+    catch-all route is work for nothing."""
+    return await handle(request)
+
+
+class _WebDriverErrors(RequestHandler):
+    """aiohttp answers requests it cannot parse (header too long, bad request line, ...) before
+    any handler runs, as text/plain; WebDriver clients get the W3C JSON error instead."""
+
+    guard: Guard
+
+    def handle_error(self, request, status=500, exc=None, message=None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if already sent
+        status = min(status, 500)  # never above 500: Selenium 3 reads that as success
+        if status < 500:
+            err = WebDriverError(status, "invalid argument",
+                                 f"bad HTTP request: {message or exc or 'unreadable'}")
+        else:
+            err = WebDriverError.unknown(f"stickyproxy failed on this request: {exc!r}")
+        if status < 500:
+            self.guard.refuse("bad_request", err, request.remote)
+        response = error_response(err)
+        response.force_close()
+        return response
+
+
+def answer_parse_errors_as_webdriver(server: web.Server, guard: Guard) -> None:
+    """Make `server` (the WebDriver port's) build its connections with `_WebDriverErrors`."""
+    handler_class = type("WebDriverErrors", (_WebDriverErrors,), {"guard": guard})
+    make = server._kwargs  # the handler arguments aiohttp keeps for each new connection
+
+    class _Server(type(server)):
+        def __call__(self):
+            return handler_class(self, loop=self._loop, **make)
+
+    server.__class__ = _Server

@@ -19,7 +19,10 @@ from aiohttp import web
 from . import proxy, stats
 from .backends import Backend, Pool
 from .config import Settings
+from .auth import Authenticator
+from .guard import Guard
 from .health import UP, check_loop, probe
+from .ratelimit import RateLimiter, parse_rate
 from .lifecycle import Lifecycle, fmt
 from .queue import SessionQueue
 from .webdriver import WebDriverError
@@ -43,6 +46,7 @@ class Server:
         self.sessions.on_end.append(self.queue.dispatch)
         self.providers: list[Any] = []
         self.lifecycle: Lifecycle | None = None
+        self.guard: Guard | None = None
         self.shutting_down = False
         self._checks: dict[str, asyncio.Task] = {}
         self._reconciles: set[asyncio.Task] = set()
@@ -110,7 +114,8 @@ class Server:
                 extra.setdefault(backend_id, {}).update(values)
         return stats.snapshot(self.pool, self.sessions, extra, time.time(), self.started,
                               self.queue, self.lifecycle.recycled_total if self.lifecycle else 0,
-                              time.monotonic(), self.shutting_down)
+                              time.monotonic(), self.shutting_down,
+                              self.guard.refused if self.guard else None)
 
     def _memory(self, backend_id: str) -> int | None:
         for provider in self.providers:
@@ -125,16 +130,23 @@ class Server:
         self._build_providers()
         self.lifecycle = Lifecycle(self.pool, self.sessions, s,
                                    {p.source: p for p in self.providers}, self._memory)
+        self.guard = Guard(Authenticator(s.auth_token, load_users(s.auth_users)),
+                           RateLimiter(*parse_rate(s.new_session_rate)), s.max_body)
         apps = {
             "listen": (proxy.make_app(self.pool, self.sessions, self.queue, self.lifecycle, self,
-                                      s.backend_timeout, s.queue_timeout), s.listen),
+                                      self.guard, s.backend_timeout, s.queue_timeout), s.listen),
             "stats": (stats.make_app(self.snapshot, self), s.stats_listen),
         }
         for name, (app, (host, port)) in apps.items():
             # handler_cancellation: a client that disconnects while queued leaves the queue at once
             runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                   handler_cancellation=True)
+                                   handler_cancellation=True,
+                                   keepalive_timeout=s.client_idle_timeout,
+                                   max_line_size=s.max_header_size,
+                                   max_field_size=s.max_header_size)
             await runner.setup()
+            if name == "listen":
+                proxy.answer_parse_errors_as_webdriver(runner.server, self.guard)
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
             self._runners.append(runner)
@@ -170,6 +182,20 @@ class Server:
         for backend in self.pool:
             if backend.upstream:
                 backend.upstream.close()
+
+
+def load_users(path: str) -> dict[str, str]:
+    if not path:
+        return {}
+    from .auth import parse_users
+    from .config import ConfigError
+    try:
+        with open(path) as f:
+            return parse_users(f.read())
+    except OSError as exc:
+        raise ConfigError(f"--auth-users {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--auth-users {path}: {exc}") from None
 
 
 def _report_crash(task: asyncio.Task) -> None:

@@ -49,6 +49,7 @@ class Session:
     cookie: str = ""
     bridge: Any = None  # bridge.BridgeSession: a W3C client on a JSONWP backend
     requests: int = 0
+    owner: str = ""  # auth principal that created it; only the same may use it
 
 
 @dataclass(frozen=True, slots=True)

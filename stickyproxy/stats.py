@@ -17,11 +17,13 @@ from .backends import Pool
 from .sessions import EndReason, SessionTable
 
 SCHEMA_VERSION = 1
+REFUSALS = ("auth", "body_too_large", "rate", "bad_request")
 
 
 def snapshot(pool: Pool, sessions: SessionTable, extra: Mapping[str, Mapping[str, Any]],
              now: float, started: float, queue=None, recycled_total: int = 0,
-             monotonic_now: float = 0.0, shutting_down: bool = False) -> dict[str, Any]:
+             monotonic_now: float = 0.0, shutting_down: bool = False,
+             refused: Mapping[str, int] | None = None) -> dict[str, Any]:
     backends = []
     for b in pool:
         check = b.last_check
@@ -62,6 +64,7 @@ def snapshot(pool: Pool, sessions: SessionTable, extra: Mapping[str, Mapping[str
         "requests_total": sum(b.requests_total for b in pool),
         "errors_total": sum(b.errors_total for b in pool),
         "recycled_total": recycled_total,
+        "refused": {r: (refused or {}).get(r, 0) for r in REFUSALS},
         "shutting_down": shutting_down,
         "queue": None if queue is None else {
             "length": len(queue),

@@ -84,11 +84,17 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def eof_received(self) -> bool:
-        try:
-            self.parser.feed_data(b"")  # ends a close-delimited body
-        except httptools.HttpParserError:
-            pass
+        # httptools has no end-of-input call: a body with neither a length nor chunking ends
+        # here; any other answer still unfinished is cut short (connection_lost says so).
+        if self._head is not None and self._head.done() and not self._done and self._close_delimited():
+            self.keep_alive = False
+            self._done = True
+            self._wake()
         return False
+
+    def _close_delimited(self) -> bool:
+        names = {name.lower() for name, _ in self.headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -112,6 +118,8 @@ class _Connection(asyncio.Protocol):
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if not body:
+            return  # an empty piece is no end: next_chunk's b"" means the end
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused:

@@ -38,6 +38,25 @@ class Route:
     rest: str = ""  # the command after /session/{id}, e.g. "/element"
 
 
+_METHODS = frozenset({"GET", "POST", "DELETE"})  # all WebDriver uses (JSONWP and W3C)
+_TRICKS = re.compile(r"(^|/)\.{1,2}(/|$)|%2e|%2f|%5c|%00|\\", re.I)
+
+
+def check_target(method: str, target: str) -> None:
+    """Refuse what no WebDriver client sends and a forward proxy would act on: absolute-form or
+    authority-form targets (`GET http://elsewhere/`, `CONNECT host:443`), other methods, and dot
+    segments or encoded slashes, dots, backslashes or NULs anywhere in the path."""
+    if not target.startswith("/"):
+        raise WebDriverError.invalid_argument(
+            "only origin-form request targets (/session/...) are served: stickyproxy is not a "
+            "forward proxy")
+    if method not in _METHODS:
+        raise WebDriverError(405, "unknown method", f"WebDriver has no {method[:16]} commands")
+    path = target.split("?", 1)[0]
+    if _TRICKS.search(path):
+        raise WebDriverError.invalid_argument(f"path not allowed: {path[:200]!r}")
+
+
 def classify(method: str, path: str) -> Route:
     prefix = ""
     if path.startswith(HUB_PREFIX) and (len(path) == len(HUB_PREFIX) or path[len(HUB_PREFIX)] == "/"):
@@ -106,6 +125,7 @@ class WebDriverError(Exception):
         self.error = error
         self.message = message
         self.headers = headers or {}
+        self.close = False  # end the client connection after this answer (a broken request)
 
     def body(self) -> bytes:
         return json.dumps(

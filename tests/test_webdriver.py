@@ -62,3 +62,30 @@ def test_chrome_args_are_added_where_the_client_gave_none():
         "--headless=old", "--no-sandbox"]  # the client's own choice wins
     assert payload["capabilities"]["alwaysMatch"]["goog:chromeOptions"]["args"] == ["--headless=old"]
     assert with_chrome_args({"desiredCapabilities": {}}, ("--x",)) == {"desiredCapabilities": {}}
+
+
+@pytest.mark.parametrize("method, target, status", [
+    ("GET", "http://elsewhere/status", 400),
+    ("CONNECT", "elsewhere:443", 400),
+    ("PUT", "/session/abc/url", 405),
+    ("TRACE", "/status", 405),
+    ("GET", "/session/abc/../../status", 400),
+    ("GET", "/session/abc/%2E%2E/x", 400),
+    ("GET", "/session/abc%2fdef/url", 400),
+    ("GET", "/session/abc/url%00", 400),
+    ("GET", "/session/abc\\..\\x", 400),
+    ("GET", "/./status", 400),
+])
+def test_targets_no_webdriver_client_sends_are_refused(method, target, status):
+    from stickyproxy.webdriver import check_target
+    with pytest.raises(WebDriverError) as err:
+        check_target(method, target)
+    assert err.value.status == status
+
+
+@pytest.mark.parametrize("method, target", [
+    ("GET", "/status"), ("POST", "/wd/hub/session"), ("DELETE", "/session/a.b-c_d"),
+    ("GET", "/session/abc/element/0.1234-5/text?x=1"), ("POST", "/session/abc/execute/sync")])
+def test_webdriver_targets_pass(method, target):
+    from stickyproxy.webdriver import check_target
+    check_target(method, target)

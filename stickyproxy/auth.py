@@ -1,0 +1,111 @@
+"""Who is calling (pure): `--auth-token` as a Bearer token or as the password of HTTP Basic (any
+user name: Selenium 3 can only send Basic credentials, from `http://user:TOKEN@host:8910`), and
+Basic users from a file of hashed passwords (`--auth-users`). Comparisons are constant-time;
+credentials are never logged or kept: only a short fingerprint of *who* created each session,
+so that a session can be used only with the credentials that created it.
+
+Users file: one `name:pbkdf2_sha256$ITERATIONS$SALT_HEX$HASH_HEX` per line (`stickyproxy
+hash-password` makes one); `#` comments and blank lines are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+
+SCHEME = "pbkdf2_sha256"
+ITERATIONS = 200_000
+
+
+def hash_password(password: str, iterations: int = ITERATIONS, salt: bytes | None = None) -> str:
+    salt = salt or os.urandom(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return f"{SCHEME}${iterations}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        scheme, iterations, salt, digest = stored.split("$")
+        if scheme != SCHEME:
+            return False
+        computed = hashlib.pbkdf2_hmac("sha256", password.encode(), bytes.fromhex(salt),
+                                       int(iterations))
+    except ValueError:
+        return False
+    return hmac.compare_digest(computed, bytes.fromhex(digest))
+
+
+def parse_users(text: str) -> dict[str, str]:
+    users = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, stored = line.partition(":")
+        if not sep or not name or stored.count("$") != 3:
+            raise ValueError(f"line {number}: expected name:{SCHEME}$ITERATIONS$SALT$HASH")
+        users[name] = stored
+    return users
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    principal: str = ""  # who, as a fingerprint; never the secret
+    reason: str = ""  # why not, for the log and the client
+
+
+class Authenticator:
+    """None of the two configured: everyone is the same anonymous principal."""
+
+    def __init__(self, token: str = "", users: dict[str, str] | None = None) -> None:
+        self.token = token.encode()
+        self.users = users or {}
+        # Checking a password is deliberately slow (PBKDF2); remember good ones by fingerprint.
+        self._good: dict[bytes, str] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token or self.users)
+
+    def check(self, authorization: str | None) -> Verdict:
+        if not self.enabled:
+            return Verdict(True, "anonymous")
+        if not authorization:
+            return Verdict(False, reason="no credentials")
+        scheme, _, value = authorization.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            if self.token and hmac.compare_digest(value.strip().encode(), self.token):
+                return Verdict(True, "token")
+            return Verdict(False, reason="wrong token")
+        if scheme == "basic":
+            try:
+                user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return Verdict(False, reason="malformed Basic credentials")
+            if not sep:
+                return Verdict(False, reason="malformed Basic credentials")
+            if self.token and hmac.compare_digest(password.encode(), self.token):
+                return Verdict(True, "token")
+            return self._check_user(user, password)
+        return Verdict(False, reason=f"unsupported scheme {scheme[:20]!r}")
+
+    def _check_user(self, user: str, password: str) -> Verdict:
+        stored = self.users.get(user)
+        if stored is None:
+            check_password(password, hash_password("x", 1000))  # same work as a known user
+            return Verdict(False, reason="unknown user or wrong password")
+        key = hashlib.sha256(f"{user}\0{password}\0{stored}".encode()).digest()
+        if key in self._good:
+            return Verdict(True, self._good[key])
+        if not check_password(password, stored):
+            return Verdict(False, reason="unknown user or wrong password")
+        principal = "user:" + user
+        if len(self._good) > 10_000:
+            self._good.clear()
+        self._good[key] = principal
+        return Verdict(True, principal)

@@ -1,0 +1,332 @@
+"""Bad input, misbehaving backends and access control, against a real stickyproxy on loopback.
+
+Fake backends (`fake_*`) stand in only where no real WebDriver server misbehaves on demand: one
+that hangs, answers garbage, closes mid-answer or forgets the session id. Everything else is real
+PhantomJS and real Selenium clients.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import http_json, wait_for, wait_up
+
+pytestmark = pytest.mark.functional
+
+NEW = {"desiredCapabilities": {}}
+
+
+def raw(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict, bytes]:
+    """Send bytes as they are; read one answer (by its Content-Length, or until close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before we finished sending: the answer is what counts
+        answer = b""
+        while True:
+            head, sep, body = answer.partition(b"\r\n\r\n")
+            if sep:
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip()
+                           for k, _, v in (line.partition(":") for line in lines[1:])}
+                if len(body) >= int(headers.get("content-length", 1 << 60)):
+                    break
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else 0
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, body
+
+
+def request(method: str, target: str, body: bytes = b"", headers: str = "") -> bytes:
+    return (f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+@pytest.fixture(scope="module")
+def guarded(shared_phantoms):
+    """One proxy for the whole bad-input suite, over two real PhantomJS."""
+    from conftest import close_pipes, start_proxy
+    proxy = start_proxy(*[a for p in shared_phantoms[:2] for a in ("--backend", p.url)],
+                        "--max-body", "1m", "--max-header-size", "4k", "--check-interval", "1s")
+    wait_up(proxy, 2)
+    yield proxy
+    proxy.shutdown()
+    proxy.pump.join(5)
+    close_pipes(proxy.proc)
+
+
+CASES = [
+    # (name, bytes sent, expected HTTP status, expected W3C error)
+    ("absolute-form target", request("GET", "http://example.org/status"), 400, "invalid argument"),
+    ("absolute-form to a session", request("GET", "http://10.0.0.1:8910/session/x/url"), 400,
+     "invalid argument"),
+    ("CONNECT tunnel", b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n", 400,
+     "invalid argument"),
+    ("odd method", request("PUT", "/session/abc/url", b"{}"), 405, "unknown method"),
+    ("TRACE", request("TRACE", "/status"), 405, "unknown method"),
+    ("garbage method", b"FO\x01O /status HTTP/1.1\r\n\r\n", 400, "invalid argument"),
+    ("dot segments", request("GET", "/session/abc/../../status"), 400, "invalid argument"),
+    ("encoded dots", request("GET", "/session/%2e%2e/status"), 400, "invalid argument"),
+    ("encoded slash in a session id", request("GET", "/session/abc%2Fdef/url"), 400, "invalid argument"),
+    ("NUL in a path", request("GET", "/session/abc/url%00"), 400, "invalid argument"),
+    ("session id too long", request("GET", "/session/" + "a" * 300 + "/url"), 404, "invalid session id"),
+    ("unknown route", request("POST", "/shutdown", b"{}"), 404, "unknown command"),
+    ("unknown session", request("GET", "/wd/hub/session/deadbeef/url"), 404, "invalid session id"),
+    ("header too long", request("GET", "/status", headers="X-Big: " + "a" * 10_000 + "\r\n"), 400,
+     "invalid argument"),
+    ("declared body too large", (b"POST /session HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                 b"Content-Length: 70000000\r\n\r\n"), 413, "invalid argument"),
+    ("chunked body too large", (b"POST /session HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n"
+                                + (b"100000\r\n" + b"a" * 0x100000 + b"\r\n") * 2 + b"0\r\n\r\n"),
+     413, "invalid argument"),
+    ("new session not JSON", request("POST", "/session", b"{nope"), 400, "invalid argument"),
+    ("new session not an object", request("POST", "/session", b'["a"]'), 400, "invalid argument"),
+    ("new session not UTF-8", request("POST", "/session", b'{"a": "\xff\xfe"}'), 400, "invalid argument"),
+    ("new session empty", request("POST", "/session"), 400, "invalid argument"),
+]
+
+
+@pytest.mark.parametrize("name, data, status, error", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_webdriver_error_and_reaches_no_backend(guarded, name, data, status, error):
+    before = guarded.stats()
+    got, headers, body = raw(guarded.port, data)
+    assert got == status, body
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["value"]["error"] == error
+    after = guarded.stats()
+    assert after["requests_total"] == before["requests_total"]  # nothing was forwarded
+    assert after["sessions_total"] == before["sessions_total"]
+
+
+def test_refusals_are_counted_and_logged(guarded):
+    raw(guarded.port, request("GET", "http://example.org/status"))
+    stats = guarded.stats()
+    assert stats["refused"]["bad_request"] >= 1
+    assert guarded.log(r"REFUSED reason=bad_request client=127\.0\.0\.1 status=400")
+
+
+def test_host_header_games_change_nothing(guarded, shared_phantoms):
+    for host in ("169.254.169.254", "evil.example:80", "localhost:1"):
+        status, body, headers = http_json(guarded.url + "/session", "POST", NEW, {"Host": host})
+        assert status == 200 and headers["X-Stickyproxy-Backend"] in ("static-1", "static-2")
+        http_json(f"{guarded.url}/session/{body['sessionId']}", "DELETE", headers={"Host": host})
+
+
+PATH_CHARS = st.lists(st.sampled_from(list("abz09-_.~/%:?=&;@!$'()*+,") + ["%2e", "%2f", ".."]),
+                      max_size=40).map("".join)
+HEADER_NAMES = st.text(alphabet=st.sampled_from(list("abcxyzABC-_0")), min_size=1, max_size=20)
+HEADER_VALUES = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["GET", "POST", "DELETE", "PUT", "OPTIONS", "PATCH"]),
+       prefix=st.sampled_from(["", "/wd/hub", "/session", "/session/abc", "/wd/hub/session/x"]),
+       path=PATH_CHARS, headers=st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=4),
+       body=st.binary(max_size=64))
+def test_fuzzed_paths_and_headers_never_reach_a_backend_or_break_the_service(
+        guarded, method, prefix, path, headers, body):
+    before = guarded.stats()["requests_total"]
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers
+                    if k.lower() not in ("content-length", "transfer-encoding", "host", "connection"))
+    status, got_headers, answer = raw(guarded.port, request(method, prefix + "/" + path, body, extra))
+    assert 200 <= status <= 500, answer
+    assert got_headers.get("content-type", "").startswith("application/json")
+    payload = json.loads(answer)
+    assert "value" in payload
+    if status != 200:
+        assert payload["value"]["error"]
+    # No session exists on this proxy during the fuzz: nothing may be forwarded, except a
+    # well-formed new session (placed on a backend, then deleted here).
+    if status == 200 and "sessionId" in json.dumps(payload):
+        sid = payload.get("sessionId") or payload["value"].get("sessionId")
+        http_json(f"{guarded.url}/session/{sid}", "DELETE")
+    else:
+        assert guarded.stats()["requests_total"] == before
+
+
+def test_after_the_bad_input_the_service_still_serves(guarded, pages, selenium3_client):
+    results = selenium3_client("sessions3.py", proxy=guarded.url, page=pages + "/index.html",
+                               sessions=4, concurrency=4).finish()["results"]
+    assert all(r["ok"] for r in results), results
+
+
+# --- misbehaving backends ---------------------------------------------------------------------
+
+class FakeBackend:
+    """fake_backend: a WebDriver server that misbehaves on cue (what no real one does on demand).
+
+    It answers /status and new sessions like GhostDriver until `mode` says otherwise:
+    "hang" (accept, never answer), "garbage" (not HTTP), "cut" (close mid-answer),
+    "no_session_id" (a 200 new-session answer without an id), "not_json".
+    """
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.mode = "ok"
+        self.sessions = 0
+        self.hung: list[socket.socket] = []
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                method, target = head.split(b" ")[:2]
+                if not self._answer(conn, method.decode(), target.decode()):
+                    return
+
+    def _send(self, conn, status: int, body: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                     % (status, len(body), body))
+
+    def _answer(self, conn, method: str, target: str) -> bool:
+        mode = self.mode
+        if target == "/status" and mode != "hang":
+            self._send(conn, 200, b'{"status": 0, "value": {"build": {"version": "fake"}}}')
+            return True
+        if mode == "hang":
+            self.hung.append(conn)
+            threading.Event().wait(30)
+            return False
+        if mode == "garbage":
+            conn.sendall(b"\x00\x01 this is not HTTP \r\n\r\n")
+            return False
+        if mode == "cut":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\": 0, \"va")
+            return False
+        if method == "POST" and target == "/session":
+            if mode == "no_session_id":
+                self._send(conn, 200, b'{"status": 0, "value": {}}')
+            else:
+                self.sessions += 1
+                self._send(conn, 200, b'{"sessionId": "fake-%d", "status": 0, "value": {}}'
+                           % self.sessions)
+            return True
+        if mode == "not_json":
+            self._send(conn, 200, b"<html>surprise</html>")
+            return True
+        self._send(conn, 200, b'{"status": 0, "value": null}')
+        return True
+
+    def close(self) -> None:
+        self._stop = True
+        self.server.close()
+        for conn in self.hung:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def fake_backend():
+    backends = []
+
+    def make() -> FakeBackend:
+        backends.append(FakeBackend())
+        return backends[-1]
+
+    yield make
+    for backend in backends:
+        backend.close()
+
+
+def test_a_backend_that_hangs_times_out_and_goes_down_others_unaffected(stickyproxy, fake_backend,
+                                                                       phantomjs):
+    fake, real = fake_backend(), phantomjs()
+    proxy = stickyproxy("--backend", fake.url, "--backend", real.url, "--backend-timeout", "2s",
+                        "--check-interval", "300ms", "--check-timeout", "1s", "--fall", "2")
+    wait_up(proxy, 2)
+    pinned = {}
+    while set(pinned) != {"static-1", "static-2"}:
+        status, body, headers = http_json(proxy.url + "/session", "POST", NEW)
+        assert status == 200
+        pinned.setdefault(headers["X-Stickyproxy-Backend"], body["sessionId"])
+    fake.mode = "hang"
+    status, body, _ = http_json(f"{proxy.url}/session/{pinned['static-1']}/url", timeout=20)
+    assert status == 500 and "no answer within 2s" in body["value"]["message"]
+    wait_for(lambda: proxy.backend("static-1")["state"] == "down", 15, what="hanging backend down")
+    assert proxy.backend("static-1")["last_check"]["result"] == "timeout"
+    assert http_json(f"{proxy.url}/session/{pinned['static-2']}/url")[0] == 200
+    status, _, headers = http_json(proxy.url + "/session", "POST", NEW)
+    assert status == 200 and headers["X-Stickyproxy-Backend"] == "static-2"
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("garbage", "malformed HTTP response"),
+    ("cut", "closed the connection mid-response"),
+])
+def test_a_backend_that_answers_garbage_or_cuts_off_gives_a_clear_error(stickyproxy, fake_backend,
+                                                                       mode, message):
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s")
+    wait_up(proxy, 1)
+    status, body, _ = http_json(proxy.url + "/session", "POST", NEW)
+    sid = body["sessionId"]
+    fake.mode = mode
+    status, body, _ = http_json(f"{proxy.url}/session/{sid}/url")
+    assert status == 500 and body["value"]["error"] == "unknown error"
+    assert message in body["value"]["message"]
+    assert proxy.stats()["errors_total"] == 1
+    assert proxy.log(rf"PROXY_ERROR session={sid} backend=static-1")
+
+
+def test_non_json_answers_of_a_session_pass_through_untouched(stickyproxy, fake_backend):
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s")
+    wait_up(proxy, 1)
+    sid = http_json(proxy.url + "/session", "POST", NEW)[1]["sessionId"]
+    fake.mode = "not_json"
+    status, _, body = raw(proxy.port, request("GET", f"/session/{sid}/source"))
+    assert status == 200 and body == b"<html>surprise</html>"  # the backend's own answer
+
+
+def test_a_new_session_answer_without_an_id_pins_nothing(stickyproxy, fake_backend):
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s")
+    wait_up(proxy, 1)
+    fake.mode = "no_session_id"
+    status, body, _ = http_json(proxy.url + "/session", "POST", NEW)
+    assert status == 500 and body["value"]["error"] == "session not created"
+    assert "without a session id" in body["value"]["message"]
+    assert proxy.stats()["sessions_active"] == 0
