@@ -202,6 +202,8 @@ class Settings:
                                           parse_duration, metavar="DURATION", shown="10s")
     client_idle_timeout: float = _opt(75.0, "close a client's idle keep-alive connection after",
                                       parse_duration, metavar="DURATION", shown="75s")
+    max_connections: int = _opt(1000, "most client connections open at once; more are answered "
+                                      "429 and closed (0: no limit)", _count, metavar="N")
     max_header_size: int = _opt(8190, "longest request line or header field", parse_size,
                                 metavar="SIZE", shown="8190")
     log_format: str = _opt("text", "log line format: text (`EVENT key=value ...`) or json (one "

@@ -18,8 +18,10 @@ WWW_AUTHENTICATE = 'Basic realm="stickyproxy", Bearer realm="stickyproxy"'
 
 
 class Guard:
-    def __init__(self, auth: Authenticator, limiter: RateLimiter, max_body: int) -> None:
+    def __init__(self, auth: Authenticator, limiter: RateLimiter, max_body: int,
+                 max_connections: int = 0) -> None:
         self.auth, self.limiter, self.max_body = auth, limiter, max_body
+        self.max_connections = max_connections
         self.refused: Counter = Counter()
 
     def refuse(self, reason: str, err: WebDriverError, client: str | None) -> WebDriverError:

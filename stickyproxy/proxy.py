@@ -439,9 +439,24 @@ async def _every_request(request: web.Request, handler) -> web.StreamResponse:
 
 class _WebDriverErrors(RequestHandler):
     """aiohttp answers requests it cannot parse (header too long, bad request line, ...) before
-    any handler runs, as text/plain; WebDriver clients get the W3C JSON error instead."""
+    any handler runs, as text/plain; WebDriver clients get the W3C JSON error instead. It also
+    turns away connections beyond --max-connections before reading anything from them."""
 
     guard: Guard
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        limit = self.guard.max_connections
+        if limit and len(self._manager.connections) > limit:
+            err = self.guard.refuse("connections", WebDriverError(
+                429, "unknown error", f"too many connections to stickyproxy (--max-connections "
+                                      f"{limit}); retry shortly", {"Retry-After": "1"}),
+                (transport.get_extra_info("peername") or ("-",))[0])
+            body = err.body()
+            transport.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json; "
+                            b"charset=utf-8\r\nRetry-After: 1\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+            transport.close()
 
     def handle_error(self, request, status=500, exc=None, message=None) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; raises if already sent

@@ -131,7 +131,8 @@ class Server:
         self.lifecycle = Lifecycle(self.pool, self.sessions, s,
                                    {p.source: p for p in self.providers}, self._memory)
         self.guard = Guard(Authenticator(s.auth_token, load_users(s.auth_users)),
-                           RateLimiter(*parse_rate(s.new_session_rate)), s.max_body)
+                           RateLimiter(*parse_rate(s.new_session_rate)), s.max_body,
+                           s.max_connections)
         apps = {
             "listen": (proxy.make_app(self.pool, self.sessions, self.queue, self.lifecycle, self,
                                       self.guard, s.backend_timeout, s.queue_timeout), s.listen),

@@ -17,7 +17,7 @@ from .backends import Pool
 from .sessions import EndReason, SessionTable
 
 SCHEMA_VERSION = 1
-REFUSALS = ("auth", "body_too_large", "rate", "bad_request")
+REFUSALS = ("auth", "body_too_large", "rate", "bad_request", "connections")
 
 
 def snapshot(pool: Pool, sessions: SessionTable, extra: Mapping[str, Mapping[str, Any]],

@@ -98,3 +98,24 @@ def test_new_session_rate_per_address(stickyproxy, shared_phantoms):
     for sid in sids:  # commands of live sessions are never rate limited
         assert http_json(f"{proxy.url}/session/{sid}/url")[0] == 200
         http_json(f"{proxy.url}/session/{sid}", "DELETE")
+
+
+def test_connections_beyond_the_limit_are_turned_away(stickyproxy, shared_phantoms):
+    import socket
+    proxy = stickyproxy("--backend", shared_phantoms[0].url, "--max-connections", "2",
+                        "--check-interval", "1s")
+    wait_up(proxy, 1)
+    held = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as extra:
+            answer = b""
+            while chunk := extra.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 429") and b'"error": "unknown error"' in answer
+        assert proxy.stats()["refused"]["connections"] == 1
+    finally:
+        for sock in held:
+            sock.close()
+    # Once they are gone, new connections are served again.
+    from conftest import wait_for
+    wait_for(lambda: http_json(proxy.url + "/status")[0] == 200, 10, what="served again")
