@@ -92,7 +92,7 @@ def test_unknown_session_and_unknown_route_get_webdriver_errors(proxy4):
     status, body, _ = http_json(proxy4.url + "/wd/hub/session/not-a-session/title")
     assert status == 404 and body["value"]["error"] == "invalid session id"
     status, body, _ = http_json(proxy4.url + "/session/..%2Fetc/title")
-    assert status == 404 and body["value"]["error"] == "invalid session id"
+    assert status == 400 and body["value"]["error"] == "invalid argument"  # refused, not routed
     status, body, _ = http_json(proxy4.url + "/shutdown", "POST", {})
     assert status == 404 and body["value"]["error"] == "unknown command"
     status, body, _ = http_json(proxy4.url + "/session", "POST", b"{not json")
