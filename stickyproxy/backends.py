@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 from .health import DOWN, Health, CheckResult
 from .providers import BackendSpec
+from .routes import route_of
 from .routing import Candidate, choose
 from .sessions import EndReason, SessionTable, reason_for_loss
 
@@ -63,6 +64,7 @@ class Pool:
         self.max_sessions = max_sessions
         self.sessions = sessions
         self.backends: dict[str, Backend] = {}
+        self.by_route: dict[str, str] = {}  # routes.route_of(url) -> backend id
         self._by_source: dict[str, set[str]] = {}
         self.on_added: list[Listener] = []
         self.on_removed: list[Listener] = []
@@ -180,6 +182,7 @@ class Pool:
     def _add(self, spec: BackendSpec) -> None:
         backend = Backend(spec, Health(self.rise, self.fall))
         self.backends[spec.id] = backend
+        self.by_route[route_of(spec.url)] = spec.id
         log.info("BACKEND_ADDED backend=%s url=%s source=%s", spec.id, spec.url, spec.source)
         for listener in self.on_added:
             listener(backend)
@@ -188,6 +191,8 @@ class Pool:
         backend = self.backends.pop(backend_id, None)
         if backend is None:
             return
+        if self.by_route.get(route_of(backend.spec.url)) == backend_id:
+            del self.by_route[route_of(backend.spec.url)]
         self.sessions.end_backend(backend_id, EndReason.BACKEND_DOWN, f"backend {why}")
         log.info('BACKEND_REMOVED backend=%s reason="%s"', backend_id, why)
         for listener in self.on_removed:

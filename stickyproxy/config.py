@@ -202,6 +202,9 @@ class Settings:
                                           parse_duration, metavar="DURATION", shown="10s")
     client_idle_timeout: float = _opt(75.0, "close a client's idle keep-alive connection after",
                                       parse_duration, metavar="DURATION", shown="75s")
+    session_key: str = _opt("", "secret shared by replicas: session ids then carry their signed "
+                                "route, so any replica (or a restarted one) routes them with no "
+                                "shared store", metavar="KEY", shown="none (ids are the backends')")
     max_connections: int = _opt(1000, "most client connections open at once; more are answered "
                                       "429 and closed (0: no limit)", _count, metavar="N")
     max_header_size: int = _opt(8190, "longest request line or header field", parse_size,

@@ -95,7 +95,7 @@ class Lifecycle:
         backend = self.pool.get(session.backend_id)
         if backend is not None and backend.upstream is not None:
             task = asyncio.get_running_loop().create_task(
-                self._delete(backend, sid), name=f"delete-{sid}")
+                self._delete(backend, session.backend_sid), name=f"delete-{sid}")
             self._deletes.add(task)
             task.add_done_callback(self._deletes.discard)
         return True

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from . import bridge
+from . import bridge, routes
 from .backends import Backend, Pool
 from .guard import Guard
 from .lifecycle import Lifecycle, fmt
@@ -39,6 +39,7 @@ QUEUE_TIMEOUT = web.AppKey("queue_timeout", float)
 LIFE = web.AppKey("lifecycle", Lifecycle)
 STATE = web.AppKey("state", object)  # .shutting_down
 GUARD = web.AppKey("guard", Guard)
+KEY = web.AppKey("session_key", bytes)  # b"": ids are the backends' own
 
 BACKEND_HEADER = "X-Stickyproxy-Backend"
 _BUFFER_LIMIT = 1 << 20  # bodies up to this are forwarded whole; larger ones stream
@@ -117,6 +118,8 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
     if session is not None and session.owner != request.get("principal", ""):
         # Someone else's: indistinguishable from no session at all.
         raise WebDriverError.invalid_session(sid, "no such session on this proxy")
+    if session is None and request.app[KEY]:
+        session = _learn(request, sid)
     if session is None:
         ended = sessions.why_ended(sid)
         if ended is None:
@@ -135,9 +138,13 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
         return await _bridged_command(request, session, backend, rest, kind)
     backend.requests_total += 1
     body, length = await _body(request)
+    target = request.rel_url.raw_path_qs
+    if session.rewritten:  # the backend knows its session by its own id, in paths and bodies
+        target = target.replace(sid, session.backend_sid, 1)
+        body, length = _rewrite(body, length, sid.encode(), session.backend_sid.encode())
     try:
         answer = await backend.upstream.request(
-            request.method, request.rel_url.raw_path_qs, request.raw_headers, body,
+            request.method, target, request.raw_headers, body,
             length=length, timeout=request.app[TIMEOUT])
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         backend.errors_total += 1
@@ -149,12 +156,46 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
     if kind is Kind.DELETE_SESSION:
         # Forwarded and answered: whatever the backend said, the client is done with it.
         sessions.end(sid, EndReason.CLIENT_DELETE)
-    return await _relay(request, answer, backend, sid)
+    return await _relay(request, answer, backend, sid,
+                        session.backend_sid if session.rewritten else None)
+
+
+def _learn(request: web.Request, public: str) -> Session | None:
+    """A session created through another replica (or before a restart): routed by the route
+    signed into its id, then pinned here like our own."""
+    owner = request.get("principal", "")
+    parsed = routes.parse(request.app[KEY], public, owner)
+    pool = request.app[POOL]
+    backend_id = pool.by_route.get(parsed.route) if parsed else None
+    if backend_id is None:
+        return None
+    now = time.monotonic()
+    session = Session(public, backend_id, pool.backends[backend_id].spec.generation, now, now,
+                      owner=owner, backend_sid=parsed.backend_sid, learned=True,
+                      bridge=bridge.BridgeSession() if parsed.bridged else None)
+    request.app[SESSIONS].pin(session)
+    return session
+
+
+def _rewrite(body, length: int | None, old: bytes, new: bytes):
+    if body is None:
+        return None, 0
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body).replace(old, new)
+        return body, len(body)
+    return _rewrite_stream(body, routes.Rewriter(old, new)), None  # length changes: chunked
+
+
+async def _rewrite_stream(chunks: AsyncIterator[bytes], rewriter) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield rewriter.feed(chunk)
+    yield rewriter.close()
 
 
 async def _relay(request: web.Request, answer: Response, backend: Backend,
-                 sid: str) -> web.StreamResponse:
-    """Send a backend's answer on to the client: whole when small, streamed when large."""
+                 sid: str, backend_sid: str | None = None) -> web.StreamResponse:
+    """Send a backend's answer on to the client: whole when small, streamed when large; with
+    the backend's session id turned back into the client's where they differ."""
     try:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in answer.headers
                    if k.lower() not in HOP_BY_HOP]
@@ -162,13 +203,18 @@ async def _relay(request: web.Request, answer: Response, backend: Backend,
         length = answer.header(b"content-length")
         if length is not None and int(length) <= _BUFFER_LIMIT:
             body = await answer.read()
+            if backend_sid:
+                body = body.replace(backend_sid.encode(), sid.encode())
             return web.Response(status=answer.status, body=body, headers=headers)
         response = web.StreamResponse(status=answer.status, headers=headers)
-        if length is not None:
+        rewriter = routes.Rewriter(backend_sid.encode(), sid.encode()) if backend_sid else None
+        if length is not None and rewriter is None:
             response.content_length = int(length)
         await response.prepare(request)
         async for chunk in answer.chunks():
-            await response.write(chunk)
+            await response.write(rewriter.feed(chunk) if rewriter else chunk)
+        if rewriter:
+            await response.write(rewriter.close())
         await response.write_eof()
         return response
     except (UpstreamError, TimeoutError) as exc:
@@ -336,8 +382,15 @@ async def _pin_new_session(request: web.Request, sessions: SessionTable, backend
         raise WebDriverError.session_not_created(
             f"backend {backend.id} answered the new session without a session id")
     now = time.monotonic()
-    sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now, cookie or "",
-                         bridge=bridged, owner=request.get("principal", "")))
+    owner = request.get("principal", "")
+    public = sid
+    if request.app[KEY]:  # the client's id carries its signed route (routes.py)
+        public = routes.public_id(request.app[KEY], backend.spec.url, sid, owner, bridged is not None)
+        data = data.replace(sid.encode(), public.encode())
+        if bridged is not None:
+            parsed = json.loads(json.dumps(parsed).replace(sid, public))
+    sessions.pin(Session(public, backend.id, backend.spec.generation, now, now, cookie or "",
+                         bridge=bridged, owner=owner, backend_sid=sid))
     backend.sessions_total += 1
     backend.generation_sessions += 1
     backend.requests_total += 1
@@ -349,7 +402,7 @@ async def _pin_new_session(request: web.Request, sessions: SessionTable, backend
     backend.dialect = "jsonwp"
     setup = bridged.setup()  # timeouts the client asked for in its capabilities
     if setup is not None:
-        reply = await bridge.run(setup, _sender(request.app, backend, sid))
+        reply = await bridge.run(setup, _sender(request.app, backend, sid))  # the backend's id
         if reply.status != 200:
             return _json(reply.status, reply.body, backend)
     return _json(status, parsed, backend)
@@ -390,7 +443,7 @@ async def _bridged_command(request: web.Request, session: Session, backend: Back
         raise WebDriverError.invalid_argument(f"body is not JSON: {exc}") from None
     step = session.bridge.plan(request.method, rest, body)
     try:
-        reply = await bridge.run(step, _sender(request.app, backend, session.id))
+        reply = await bridge.run(step, _sender(request.app, backend, session.backend_sid))
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         backend.errors_total += 1
         why = str(exc) or f"no answer within {request.app[TIMEOUT]:g}s"
@@ -416,7 +469,8 @@ def _no_backend_message(pool: Pool, tried: list[str]) -> str:
 
 
 def make_app(pool: Pool, sessions: SessionTable, queue: SessionQueue, life: Lifecycle, state,
-             guard: Guard, backend_timeout: float, queue_timeout: float) -> web.Application:
+             guard: Guard, backend_timeout: float, queue_timeout: float,
+             session_key: bytes = b"") -> web.Application:
     app = web.Application(client_max_size=guard.max_body, middlewares=[_every_request])
     app[GUARD] = guard
     app[POOL] = pool
@@ -426,6 +480,7 @@ def make_app(pool: Pool, sessions: SessionTable, queue: SessionQueue, life: Life
     app[STATE] = state
     app[TIMEOUT] = backend_timeout
     app[QUEUE_TIMEOUT] = queue_timeout
+    app[KEY] = session_key
     return app
 
 

@@ -135,7 +135,8 @@ class Server:
                            s.max_connections)
         apps = {
             "listen": (proxy.make_app(self.pool, self.sessions, self.queue, self.lifecycle, self,
-                                      self.guard, s.backend_timeout, s.queue_timeout), s.listen),
+                                      self.guard, s.backend_timeout, s.queue_timeout,
+                                      s.session_key.encode()), s.listen),
             "stats": (stats.make_app(self.snapshot, self), s.stats_listen),
         }
         for name, (app, (host, port)) in apps.items():

@@ -34,9 +34,9 @@ def reason_for_loss(provider_reason: str) -> EndReason:
 
 
 def missing_sessions(pinned: Iterable["Session"], listed: Iterable[str]) -> list["Session"]:
-    """Pinned sessions that their backend no longer lists."""
+    """Pinned sessions that their backend no longer lists (by the backend's own ids)."""
     listed = set(listed)
-    return [s for s in pinned if s.id not in listed]
+    return [s for s in pinned if s.backend_sid not in listed]
 
 
 @dataclass(slots=True)
@@ -50,6 +50,16 @@ class Session:
     bridge: Any = None  # bridge.BridgeSession: a W3C client on a JSONWP backend
     requests: int = 0
     owner: str = ""  # auth principal that created it; only the same may use it
+    backend_sid: str = ""  # the backend's own id, when the client sees a signed one (routes.py)
+    learned: bool = False  # created through another replica, routed here by its signed id
+
+    def __post_init__(self) -> None:
+        if not self.backend_sid:
+            self.backend_sid = self.id
+
+    @property
+    def rewritten(self) -> bool:
+        return self.backend_sid != self.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +77,7 @@ class SessionTable:
     peak: Counter = field(default_factory=Counter)  # most live at once, per backend
     ended_by_reason: Counter = field(default_factory=Counter)
     created_total: int = 0
+    learned_total: int = 0
     _ended: OrderedDict = field(default_factory=OrderedDict)
     on_end: list = field(default_factory=list)  # callables: a slot freed
 
@@ -79,11 +90,15 @@ class SessionTable:
     def pin(self, session: Session) -> None:
         self.live[session.id] = session
         self.per_backend[session.backend_id] += 1
+        if session.learned:
+            self.learned_total += 1
+        else:
+            self.created_total += 1
         self.peak[session.backend_id] = max(self.peak[session.backend_id],
                                             self.per_backend[session.backend_id])
-        self.created_total += 1
         self._ended.pop(session.id, None)
-        log.info("SESSION_CREATED session=%s backend=%s", session.id, session.backend_id)
+        log.info("SESSION_%s session=%s backend=%s", "LEARNED" if session.learned else "CREATED",
+                 session.id, session.backend_id)
 
     def end(self, sid: str, reason: EndReason, detail: str = "") -> Session | None:
         session = self.live.pop(sid, None)

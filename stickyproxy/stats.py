@@ -60,6 +60,7 @@ def snapshot(pool: Pool, sessions: SessionTable, extra: Mapping[str, Mapping[str
         "backends_up": sum(1 for b in pool if b.health.up),
         "sessions_active": len(sessions),
         "sessions_total": sessions.created_total,
+        "sessions_learned_total": sessions.learned_total,
         "sessions_ended": {r.value: sessions.ended_by_reason.get(r.value, 0) for r in EndReason},
         "requests_total": sum(b.requests_total for b in pool),
         "errors_total": sum(b.errors_total for b in pool),

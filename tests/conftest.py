@@ -193,9 +193,10 @@ class Proxy:
                 self.proc.wait()
 
 
-def start_proxy(*args: str, env: dict | None = None, ready_timeout: float = 60) -> Proxy:
-    cmd = [sys.executable, "-m", "stickyproxy", "serve", "--listen", "127.0.0.1:0",
-           "--stats-listen", "127.0.0.1:0", *args]
+def start_proxy(*args: str, env: dict | None = None, ready_timeout: float = 60,
+                listen: str = "127.0.0.1:0", stats: str = "127.0.0.1:0") -> Proxy:
+    cmd = [sys.executable, "-m", "stickyproxy", "serve", "--listen", listen,
+           "--stats-listen", stats, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **(env or {})), cwd=ROOT)
     proxy = Proxy(proc)

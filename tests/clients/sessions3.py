@@ -8,6 +8,7 @@ Argument: one JSON object:
   hold       true: open every session first, print {"held": [ids]}, wait for a line on stdin,
              then run the workload in all of them at once
   abandon    true: never quit (a client that crashed or forgot)
+  repeat     run the workload this many times per session (default 1)
 Prints one JSON line: {"results": [{"id", "ok", "error", "seconds", "title", "items"}]}.
 """
 
@@ -61,7 +62,8 @@ def run(driver=None):
     try:
         driver = driver or open_session()
         result["id"] = driver.session_id
-        result["title"], result["items"] = workload(driver)
+        for _ in range(args.get("repeat", 1)):
+            result["title"], result["items"] = workload(driver)
         if not args.get("abandon"):
             driver.quit()
         result["ok"] = True
