@@ -97,6 +97,14 @@ class Pool:
                     self._add(spec)
                 else:
                     current.spec = spec
+        for spec in wanted.values():  # a discovered address that went away drains, and back
+            backend = self.backends.get(spec.id)
+            if backend is None:
+                continue
+            if spec.meta.get("gone") and backend.admin == READY:
+                self.drain(spec.id, f"gone from {spec.source}")
+            elif not spec.meta.get("gone") and backend.drain_reason.startswith("gone from"):
+                self.undrain(spec.id)
         self._by_source[source] = set(wanted)
 
     def lost(self, backend_id: str, reason: str) -> None:

@@ -74,6 +74,12 @@ def parse_optional_size(text: str | int) -> int:
     return parse_size(text)
 
 
+def _dns_target(text: Any) -> str:
+    from .providers.dns import Target
+    Target.parse(str(text))
+    return str(text)
+
+
 def _rate(text: Any) -> str:
     from .ratelimit import parse_rate
     parse_rate(text)  # validate; kept as text so --help and the README show what was given
@@ -131,6 +137,15 @@ class Settings:
                                          parse_hostport, metavar="HOST:PORT", shown="0.0.0.0:8911")
     backend: tuple[str, ...] = _opt((), "a WebDriver server URL, repeatable", parse_url,
                                     repeat=True, metavar="URL", shown="none")
+    backend_dns: tuple[str, ...] = _opt((), "discover backends by DNS, repeatable: NAME:PORT for "
+                                            "every A/AAAA address, or NAME for its SRV records",
+                                        _dns_target, repeat=True, metavar="NAME[:PORT]",
+                                        shown="none")
+    dns_interval: float = _opt(10.0, "how often --backend-dns names are resolved again",
+                               parse_duration, metavar="DURATION", shown="10s")
+    dns_server: tuple[str, int] | None = _opt(None, "ask this DNS server instead of the system's",
+                                              parse_hostport, metavar="HOST:PORT",
+                                              shown="the system's resolver")
     local: int | None = _opt(None, "start N local WebDriver servers (PhantomJS by default) on "
                                    "free loopback ports",
                              _count, metavar="N",
@@ -218,21 +233,17 @@ class Settings:
                           metavar="LEVEL")
 
     @property
-    def source_given(self) -> bool:
-        return bool(self.backend) or (self.local is not None)
-
-    @property
     def local_count(self) -> int:
-        """Local PhantomJS processes to start: the embedded default when nothing else is given."""
+        """Local servers to start: the embedded default when no other source is given."""
         if self.local is not None:
             return self.local
-        return 0 if self.backend else 2
+        return 0 if (self.backend or self.backend_dns) else 2
 
     def validate(self) -> "Settings":
         if self.check_timeout <= 0 or self.check_interval <= 0:
             raise ConfigError("--check-interval and --check-timeout must be above zero")
-        if self.local_count == 0 and not self.backend:
-            raise ConfigError("no backends: give --backend URL or --local N (N >= 1)")
+        if self.local_count == 0 and not self.backend and not self.backend_dns:
+            raise ConfigError("no backends: give --backend URL, --backend-dns NAME or --local N")
         return self
 
 

@@ -122,7 +122,10 @@ class Lifecycle:
             self.reap(time.monotonic())
             await self.recycle(time.monotonic())
             try:
-                await asyncio.wait_for(self._wake.wait(), self._tick)
+                # asyncio.timeout, not wait_for: on 3.11 a cancel landing in the same tick as
+                # the event is lost by wait_for, and shutdown would hang on this task.
+                async with asyncio.timeout(self._tick):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -162,13 +165,24 @@ class Lifecycle:
 
     async def recycle(self, now: float) -> None:
         for backend in list(self.pool):
-            if backend.recycling and not backend.replacement:
+            if backend.spec.meta.get("gone"):
+                await self._retire_gone(backend)
+            elif backend.recycling and not backend.replacement:
                 # Keep capacity: its replacement starts now, while it still serves its sessions.
                 backend.replacement = await self._recycler(backend).replace(backend.id)
             elif backend.recycling:
                 await self._maybe_retire(backend)
             else:
                 self.consider(backend, now)
+
+    async def _retire_gone(self, backend) -> None:
+        """A discovered backend whose address went away: forget it once it is empty."""
+        if self.sessions.per_backend.get(backend.id, 0) or backend.pending:
+            return
+        provider = self.providers.get(backend.spec.source)
+        if provider is not None and hasattr(provider, "retire"):
+            log.info('BACKEND_RETIRED backend=%s reason="%s"', backend.id, backend.drain_reason)
+            await provider.retire(backend.id)
 
     async def _maybe_retire(self, backend) -> None:
         if self.sessions.per_backend.get(backend.id, 0) or backend.pending:

@@ -27,6 +27,7 @@ from .lifecycle import Lifecycle, fmt
 from .queue import SessionQueue
 from .webdriver import WebDriverError
 from .providers.processes import BROWSERS, LocalProcesses, find_chromedriver, find_phantomjs
+from .providers.dns import DnsProvider
 from .providers.static import StaticProvider
 from .sessions import EndReason, SessionTable, missing_sessions
 from .upstream import Upstream
@@ -59,6 +60,8 @@ class Server:
         s = self.settings
         if s.backend:
             self.providers.append(StaticProvider(s.backend))
+        if s.backend_dns:
+            self.providers.append(DnsProvider(s.backend_dns, s.dns_interval, s.dns_server))
         if s.local_count:
             binary = (find_chromedriver(s.chromedriver) if s.local_browser == "chromium"
                       else find_phantomjs(s.phantomjs))

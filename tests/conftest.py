@@ -169,7 +169,17 @@ class Proxy:
     def backend(self, backend_id: str) -> dict:
         return next(b for b in self.stats()["backends"] if b["id"] == backend_id)
 
-    def log(self, pattern: str) -> list[str]:
+    def log(self, pattern: str, settle: float = 0.15, timeout: float = 5.0) -> list[str]:
+        """Log lines matching `pattern`, read once the log has been quiet for `settle` seconds
+        (its stderr is read by a thread: a line logged just now may not be here yet)."""
+        deadline = time.monotonic() + timeout
+        seen, quiet_since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            if len(self.lines) != seen:
+                seen, quiet_since = len(self.lines), time.monotonic()
+            elif time.monotonic() - quiet_since >= settle:
+                break
+            time.sleep(0.02)
         return [line for line in list(self.lines) if re.search(pattern, line)]
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:

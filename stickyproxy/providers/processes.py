@@ -250,9 +250,12 @@ class LocalProcesses:
     async def _wait(self, slot: _Slot) -> int:
         """Wait for the process to exit, killing it if the watchdog finds it over its cap."""
         proc = slot.process
+        waiting = asyncio.ensure_future(proc.wait())
         while True:
             try:
-                return await asyncio.wait_for(asyncio.shield(proc.wait()), self.watch_interval)
+                # asyncio.timeout over a shielded wait, not wait_for (3.11 can lose a cancel)
+                async with asyncio.timeout(self.watch_interval):
+                    return await asyncio.shield(waiting)
             except TimeoutError:
                 if slot.cap and slot.cap.over():
                     log.warning("BACKEND_MEMORY backend=%s rss=%s limit=%d: killing",
@@ -270,7 +273,8 @@ class LocalProcesses:
         if proc is not None and proc.returncode is None:
             _kill(proc, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), grace)
+                async with asyncio.timeout(grace):
+                    await proc.wait()
             except TimeoutError:
                 _kill(proc, signal.SIGKILL)
                 await proc.wait()
