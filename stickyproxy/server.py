@@ -62,6 +62,12 @@ class Server:
             self.providers.append(StaticProvider(s.backend))
         if s.backend_dns:
             self.providers.append(DnsProvider(s.backend_dns, s.dns_interval, s.dns_server))
+        if s.docker:
+            from .providers.docker import DockerProvider  # docker-py loads only when used
+            self.providers.append(DockerProvider(
+                s.docker, image=s.image, mem_limit=s.mem_limit, pool=s.pool,
+                network=s.docker_network, cleanup=s.docker_cleanup,
+                base_url=s.docker_host or None))
         if s.local_count:
             binary = (find_chromedriver(s.chromedriver) if s.local_browser == "chromium"
                       else find_phantomjs(s.phantomjs))
@@ -131,6 +137,9 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         self._build_providers()
+        for provider in self.providers:  # a missing image or engine stops start-up, clearly
+            if hasattr(provider, "ensure_image"):
+                await provider.ensure_image()
         self.lifecycle = Lifecycle(self.pool, self.sessions, s,
                                    {p.source: p for p in self.providers}, self._memory)
         self.guard = Guard(Authenticator(s.auth_token, load_users(s.auth_users)),

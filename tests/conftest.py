@@ -26,6 +26,13 @@ from pathlib import Path
 
 import pytest
 
+from dockerengine import (  # noqa: F401  (session fixtures: one engine, shared by every test)
+    debian_image,
+    docker_client,
+    docker_engine,
+    phantomjs_image,
+    python_image,
+)
 from stickyproxy.providers.processes import find_phantomjs, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,6 +255,7 @@ def stickyproxy():
 
 
 def wait_up(proxy: Proxy, count: int, timeout: float = 30) -> None:
+    """Wait until `count` backends are up behind `proxy`."""
     wait_for(lambda: proxy.stats()["backends_up"] >= count, timeout,
              what=f"{count} backends up")
 
