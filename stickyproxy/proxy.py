@@ -21,6 +21,7 @@ from . import bridge, routes
 from .backends import Backend, Pool
 from .guard import Guard
 from .lifecycle import Lifecycle, fmt
+from .metrics import Metrics, Timing
 from .queue import QueueFull, SessionQueue
 from .health import DOWN
 from .routing import Attempt, choose, may_retry_elsewhere
@@ -30,6 +31,7 @@ from .webdriver import (Kind, WebDriverError, check_target, classify, session_id
                         with_chrome_args)
 
 log = logging.getLogger("stickyproxy")
+access_log = logging.getLogger("stickyproxy.access")
 
 POOL = web.AppKey("pool", Pool)
 SESSIONS = web.AppKey("sessions", SessionTable)
@@ -38,7 +40,11 @@ QUEUE = web.AppKey("queue", SessionQueue)
 QUEUE_TIMEOUT = web.AppKey("queue_timeout", float)
 LIFE = web.AppKey("lifecycle", Lifecycle)
 STATE = web.AppKey("state", object)  # .shutting_down
+METRICS = web.AppKey("metrics", Metrics)
+ACCESS_LOG = web.AppKey("access_log", bool)
+TIMING = web.RequestKey("timing", Timing)  # this request's clock: metrics and the access log
 GUARD = web.AppKey("guard", Guard)
+PRINCIPAL = web.RequestKey("principal", str)  # who sent it, when auth is on
 KEY = web.AppKey("session_key", bytes)  # b"": ids are the backends' own
 
 BACKEND_HEADER = "X-Stickyproxy-Backend"
@@ -58,6 +64,25 @@ def error_response(err: WebDriverError, backend: str | None = None) -> web.Respo
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    timing = request[TIMING] = Timing(time.perf_counter())
+    status = 500  # an exception we did not expect: aiohttp answers 500
+    try:
+        response = await _route(request, timing)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client left before its answer (nginx's "client closed request")
+        raise
+    finally:
+        elapsed = time.perf_counter() - timing.started
+        request.app[METRICS].observe(timing, elapsed)  # the one metrics call per request
+        if request.app[ACCESS_LOG]:
+            access_log.info("ACCESS session=%s backend=%s method=%s path=%s status=%d ms=%.1f",
+                            timing.session or "-", timing.backend_id or "-", request.method,
+                            request.rel_url.raw_path, status, elapsed * 1000)
+
+
+async def _route(request: web.Request, timing: Timing) -> web.StreamResponse:
     guard = request.app[GUARD]
     try:
         try:
@@ -69,13 +94,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
             verdict = guard.auth.check(request.headers.get("Authorization"))
             if not verdict.ok:
                 raise guard.refuse("auth", guard.unauthenticated(verdict.reason), request.remote)
-            request["principal"] = verdict.principal
+            request[PRINCIPAL] = verdict.principal
         length = request.content_length
         if length is not None and length > guard.max_body:
             raise guard.refuse("body_too_large", guard.too_large(length), request.remote)
         if route.kind is Kind.SESSION or route.kind is Kind.DELETE_SESSION:
+            timing.kind, timing.session = "command", route.session_id
             return await _session_command(request, route.session_id, route.kind, route.rest)
         if route.kind is Kind.NEW_SESSION:
+            timing.kind = "new_session"
             return await _new_session(request)
         if route.kind is Kind.STATUS:
             return _status(request.app[POOL])
@@ -115,7 +142,7 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
                            rest: str) -> web.StreamResponse:
     sessions = request.app[SESSIONS]
     session = sessions.get(sid)
-    if session is not None and session.owner != request.get("principal", ""):
+    if session is not None and session.owner != request.get(PRINCIPAL, ""):
         # Someone else's: indistinguishable from no session at all.
         raise WebDriverError.invalid_session(sid, "no such session on this proxy")
     if session is None and request.app[KEY]:
@@ -128,6 +155,7 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
             sid, f"ended on backend {ended.backend_id}: {ended.reason.value}"
                  + (f" ({ended.detail})" if ended.detail else ""))
     pool = request.app[POOL]
+    request[TIMING].backend_id = session.backend_id
     backend = pool.get(session.backend_id)
     if backend is None or backend.health.state == DOWN:
         why = (backend.last_check.reason if backend and backend.last_check else "removed")
@@ -143,9 +171,9 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
         target = target.replace(sid, session.backend_sid, 1)
         body, length = _rewrite(body, length, sid.encode(), session.backend_sid.encode())
     try:
-        answer = await backend.upstream.request(
+        answer = await request[TIMING].on_backend(backend.upstream.request(
             request.method, target, request.raw_headers, body,
-            length=length, timeout=request.app[TIMEOUT])
+            length=length, timeout=request.app[TIMEOUT]))
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         backend.errors_total += 1
         why = str(exc) or f"no answer within {request.app[TIMEOUT]:g}s"
@@ -163,7 +191,7 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
 def _learn(request: web.Request, public: str) -> Session | None:
     """A session created through another replica (or before a restart): routed by the route
     signed into its id, then pinned here like our own."""
-    owner = request.get("principal", "")
+    owner = request.get(PRINCIPAL, "")
     parsed = routes.parse(request.app[KEY], public, owner)
     pool = request.app[POOL]
     backend_id = pool.by_route.get(parsed.route) if parsed else None
@@ -202,7 +230,7 @@ async def _relay(request: web.Request, answer: Response, backend: Backend,
         headers.append((BACKEND_HEADER, backend.id))
         length = answer.header(b"content-length")
         if length is not None and int(length) <= _BUFFER_LIMIT:
-            body = await answer.read()
+            body = await request[TIMING].on_backend(answer.read())
             if backend_sid:
                 body = body.replace(backend_sid.encode(), sid.encode())
             return web.Response(status=answer.status, body=body, headers=headers)
@@ -211,11 +239,13 @@ async def _relay(request: web.Request, answer: Response, backend: Backend,
         if length is not None and rewriter is None:
             response.content_length = int(length)
         await response.prepare(request)
+        began = time.perf_counter()
         async for chunk in answer.chunks():
             await response.write(rewriter.feed(chunk) if rewriter else chunk)
         if rewriter:
             await response.write(rewriter.close())
         await response.write_eof()
+        request[TIMING].backend += time.perf_counter() - began  # streamed at the backend's pace
         return response
     except (UpstreamError, TimeoutError) as exc:
         backend.errors_total += 1
@@ -258,6 +288,7 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
         if backend_id is None:
             backend_id = await _wait_for_slot(request, cookie, tried)
         current, backend = backend_id, pool.backends.get(backend_id)
+        request[TIMING].backend_id = backend_id
         try:
             if backend is None:  # removed while we waited
                 raise NotConnected("backend was removed")
@@ -270,7 +301,7 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
             try:
                 answer, data = await asyncio.shield(attempt)
             except asyncio.CancelledError:
-                owner = request.get("principal", "")
+                owner = request.get(PRINCIPAL, "")
                 attempt.add_done_callback(lambda t, b=backend: _orphaned(request.app, b, t, owner))
                 raise
             try:  # pinned before the reservation is released, so the slot is never handed twice
@@ -302,9 +333,11 @@ async def _wait_for_slot(request: web.Request, cookie: str | None, tried: tuple[
     if not pool.could_take(tried):
         raise WebDriverError.session_not_created(_no_backend_message(pool, tried))
     timeout = request.app[QUEUE_TIMEOUT]
+    began, refused = time.perf_counter(), False
     try:
         return await queue.wait(cookie, tried, timeout)
     except QueueFull:
+        refused = True  # refused at once: it never waited
         log.warning("SESSION_NOT_CREATED reason=queue_full length=%d", len(queue))
         raise WebDriverError.session_not_created(
             f"every backend is full and {len(queue)} new sessions are already waiting "
@@ -314,6 +347,11 @@ async def _wait_for_slot(request: web.Request, cookie: str | None, tried: tuple[
         raise WebDriverError.session_not_created(
             f"every backend stayed full for {fmt(timeout)} (--queue-timeout); "
             f"{len(pool.backends)} backends, --max-sessions {pool.max_sessions}") from None
+    finally:
+        if not refused:
+            waited = time.perf_counter() - began
+            request[TIMING].queued += waited
+            request.app[METRICS].observe_queue_wait(waited)
 
 
 async def _attempt(request: web.Request, backend: Backend, body: bytes,
@@ -322,11 +360,11 @@ async def _attempt(request: web.Request, backend: Backend, body: bytes,
     if rewritten:  # the body changed: its length is recomputed, its type stays JSON
         headers = [h for h in headers if h[0].lower() != b"content-type"]
         headers.append((b"Content-Type", b"application/json; charset=utf-8"))
-    answer = await backend.upstream.request(
+    answer = await request[TIMING].on_backend(backend.upstream.request(
         "POST", request.rel_url.raw_path_qs, headers, body,
-        timeout=request.app[TIMEOUT], fresh=True)
+        timeout=request.app[TIMEOUT], fresh=True))
     try:
-        return answer, await answer.read()
+        return answer, await request[TIMING].on_backend(answer.read())
     except BaseException:
         answer.release()
         raise
@@ -382,13 +420,14 @@ async def _pin_new_session(request: web.Request, sessions: SessionTable, backend
         raise WebDriverError.session_not_created(
             f"backend {backend.id} answered the new session without a session id")
     now = time.monotonic()
-    owner = request.get("principal", "")
+    owner = request.get(PRINCIPAL, "")
     public = sid
     if request.app[KEY]:  # the client's id carries its signed route (routes.py)
         public = routes.public_id(request.app[KEY], backend.spec.url, sid, owner, bridged is not None)
         data = data.replace(sid.encode(), public.encode())
         if bridged is not None:
             parsed = json.loads(json.dumps(parsed).replace(sid, public))
+    request[TIMING].session = public
     sessions.pin(Session(public, backend.id, backend.spec.generation, now, now, cookie or "",
                          bridge=bridged, owner=owner, backend_sid=sid))
     backend.sessions_total += 1
@@ -402,7 +441,7 @@ async def _pin_new_session(request: web.Request, sessions: SessionTable, backend
     backend.dialect = "jsonwp"
     setup = bridged.setup()  # timeouts the client asked for in its capabilities
     if setup is not None:
-        reply = await bridge.run(setup, _sender(request.app, backend, sid))  # the backend's id
+        reply = await bridge.run(setup, _sender(request, backend, sid))  # the backend's id
         if reply.status != 200:
             return _json(reply.status, reply.body, backend)
     return _json(status, parsed, backend)
@@ -414,16 +453,18 @@ def _json(status: int, body, backend: Backend) -> web.Response:
                         headers={BACKEND_HEADER: backend.id})
 
 
-def _sender(app: web.Application, backend: Backend, sid: str):
+def _sender(request: web.Request, backend: Backend, sid: str):
     """The bridge's `send`: one JSONWP call on the session's backend, parsed."""
+    app, timing = request.app, request[TIMING]
+
     async def send(method: str, subpath: str, body) -> tuple[int, object]:
         payload = None if body is None else json.dumps(body).encode()
         headers = [(b"Content-Type", b"application/json; charset=utf-8")] if payload else []
         backend.requests_total += 1
-        answer = await backend.upstream.request(method, f"/session/{sid}{subpath}", headers,
-                                                payload, timeout=app[TIMEOUT])
+        answer = await timing.on_backend(backend.upstream.request(
+            method, f"/session/{sid}{subpath}", headers, payload, timeout=app[TIMEOUT]))
         try:
-            raw = await answer.read()
+            raw = await timing.on_backend(answer.read())
         finally:
             answer.release()
         try:
@@ -443,7 +484,7 @@ async def _bridged_command(request: web.Request, session: Session, backend: Back
         raise WebDriverError.invalid_argument(f"body is not JSON: {exc}") from None
     step = session.bridge.plan(request.method, rest, body)
     try:
-        reply = await bridge.run(step, _sender(request.app, backend, session.backend_sid))
+        reply = await bridge.run(step, _sender(request, backend, session.backend_sid))
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         backend.errors_total += 1
         why = str(exc) or f"no answer within {request.app[TIMEOUT]:g}s"
@@ -470,8 +511,11 @@ def _no_backend_message(pool: Pool, tried: list[str]) -> str:
 
 def make_app(pool: Pool, sessions: SessionTable, queue: SessionQueue, life: Lifecycle, state,
              guard: Guard, backend_timeout: float, queue_timeout: float,
-             session_key: bytes = b"") -> web.Application:
+             session_key: bytes = b"", *,
+             metrics: Metrics | None = None, access_log: bool = False) -> web.Application:
     app = web.Application(client_max_size=guard.max_body, middlewares=[_every_request])
+    app[METRICS] = metrics or Metrics(dict, process=False)
+    app[ACCESS_LOG] = access_log
     app[GUARD] = guard
     app[POOL] = pool
     app[SESSIONS] = sessions

@@ -24,6 +24,7 @@ from .guard import Guard
 from .health import UP, check_loop, probe
 from .ratelimit import RateLimiter, parse_rate
 from .lifecycle import Lifecycle, fmt
+from .metrics import Metrics
 from .queue import SessionQueue
 from .webdriver import WebDriverError
 from .providers.processes import BROWSERS, LocalProcesses, find_chromedriver, find_phantomjs
@@ -55,6 +56,7 @@ class Server:
         self._runners: list[web.AppRunner] = []
         self.started = time.time()
         self.addresses: dict[str, tuple[str, int]] = {}
+        self.metrics = Metrics(self.snapshot)  # /metrics renders the same snapshot as /stats
 
     def _build_providers(self) -> None:
         s = self.settings
@@ -87,6 +89,7 @@ class Server:
             name=f"check-{backend.id}")
 
     def _checked(self, backend: Backend, result) -> None:
+        self.metrics.observe_check(result.code, result.latency)
         if self.pool.record_check(backend, result) == UP and self.sessions.per_backend[backend.id]:
             # Back from down: if it was restarted meanwhile, its old sessions are gone for good.
             task = asyncio.get_running_loop().create_task(self._reconcile(backend),
@@ -148,8 +151,9 @@ class Server:
         apps = {
             "listen": (proxy.make_app(self.pool, self.sessions, self.queue, self.lifecycle, self,
                                       self.guard, s.backend_timeout, s.queue_timeout,
-                                      s.session_key.encode()), s.listen),
-            "stats": (stats.make_app(self.snapshot, self), s.stats_listen),
+                                      s.session_key.encode(),
+                                      metrics=self.metrics, access_log=s.access_log), s.listen),
+            "stats": (stats.make_app(self.snapshot, self, self.metrics), s.stats_listen),
         }
         for name, (app, (host, port)) in apps.items():
             # handler_cancellation: a client that disconnects while queued leaves the queue at once

@@ -76,6 +76,7 @@ class SessionTable:
     per_backend: Counter = field(default_factory=Counter)
     peak: Counter = field(default_factory=Counter)  # most live at once, per backend
     ended_by_reason: Counter = field(default_factory=Counter)
+    ended_by_backend: dict = field(default_factory=dict)  # backend id -> Counter of reasons
     created_total: int = 0
     learned_total: int = 0
     _ended: OrderedDict = field(default_factory=OrderedDict)
@@ -108,6 +109,7 @@ class SessionTable:
         if self.per_backend[session.backend_id] <= 0:
             del self.per_backend[session.backend_id]
         self.ended_by_reason[reason.value] += 1
+        self.ended_by_backend.setdefault(session.backend_id, Counter())[reason.value] += 1
         self._ended[sid] = Ended(session.backend_id, reason, detail)
         while len(self._ended) > self.remember_ended:
             self._ended.popitem(last=False)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from aiohttp import web
 
+from . import dashboard
 from .backends import Pool
 from .sessions import EndReason, SessionTable
 
@@ -40,6 +41,7 @@ def snapshot(pool: Pool, sessions: SessionTable, extra: Mapping[str, Mapping[str
             "sessions_active": sessions.per_backend.get(b.id, 0),
             "sessions_peak": sessions.peak.get(b.id, 0),
             "sessions_total": b.sessions_total,
+            "sessions_ended": dict(sessions.ended_by_backend.get(b.id, {})),
             "requests_total": b.requests_total,
             "errors_total": b.errors_total,
             "connections": {"in_use": getattr(b.upstream, "in_use", 0),
@@ -83,10 +85,21 @@ def snapshot(pool: Pool, sessions: SessionTable, extra: Mapping[str, Mapping[str
 
 STATS = web.AppKey("stats_source", object)
 ADMIN = web.AppKey("admin", object)  # the server: .pool, .sessions, .lifecycle, .settings
+METRICS = web.AppKey("metrics", object)  # metrics.Metrics: .exposition(accept)
 
 
 async def _stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATS]())
+
+
+async def _dashboard(request: web.Request) -> web.Response:
+    return web.Response(text=dashboard.render(request.app[STATS]()), content_type="text/html",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].exposition(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -142,12 +155,17 @@ async def _admin_backend(request: web.Request) -> web.Response:
     return web.json_response({"id": backend_id, "admin": backend.admin})
 
 
-def make_app(source, admin=None) -> web.Application:
-    """`source()` returns the current snapshot dict; `admin` serves the admin API."""
+def make_app(source, admin=None, metrics=None) -> web.Application:
+    """`source()` returns the current snapshot dict; `admin` serves the admin API; `metrics`
+    (a metrics.Metrics over the same `source`) serves /metrics."""
     app = web.Application(middlewares=[_admin_auth])
     app[STATS] = source
     app[ADMIN] = admin
+    app[METRICS] = metrics
+    app.router.add_get("/", _dashboard)
     app.router.add_get("/stats", _stats)
+    if metrics is not None:
+        app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/admin/sessions", _admin_sessions)
     app.router.add_delete("/admin/sessions/{sid}", _admin_delete_session)
