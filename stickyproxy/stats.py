@@ -106,6 +106,15 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def _readyz(request: web.Request) -> web.Response:
+    """Readiness for orchestrators: 200 once any backend is up and while not shutting down.
+    (503 is fine here: this port is not WebDriver, Selenium never reads it.)"""
+    snap = request.app[STATS]()
+    ready = snap["backends_up"] > 0 and not snap["shutting_down"]
+    return web.json_response({"ready": ready, "backends_up": snap["backends_up"]},
+                             status=200 if ready else 503)
+
+
 def _admin_error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
@@ -167,6 +176,7 @@ def make_app(source, admin=None, metrics=None) -> web.Application:
     if metrics is not None:
         app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     app.router.add_get("/admin/sessions", _admin_sessions)
     app.router.add_delete("/admin/sessions/{sid}", _admin_delete_session)
     app.router.add_post("/admin/backends/{backend}/{action:drain|undrain}", _admin_backend)
