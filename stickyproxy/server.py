@@ -16,9 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import proxy, stats
+from . import isolation, proxy, stats
 from .backends import Backend, Pool
-from .config import Settings
+from .config import ConfigError, Settings
 from .auth import Authenticator
 from .guard import Guard
 from .health import UP, check_loop, probe
@@ -66,6 +66,10 @@ class Server:
             self.providers.append(DnsProvider(s.backend_dns, s.dns_interval, s.dns_server))
         if s.docker:
             from .providers.docker import DockerProvider  # docker-py loads only when used
+            if s.docker_network == "host":
+                log.warning('ISOLATION_OFF source=docker reason="--docker-network host: '
+                            'PhantomJS in the containers listens on every interface of this host" '
+                            'detail="use a private network, as deploy/docker-compose.launcher.yml"')
             self.providers.append(DockerProvider(
                 s.docker, image=s.image, mem_limit=s.mem_limit, pool=s.pool,
                 network=s.docker_network, cleanup=s.docker_cleanup,
@@ -73,9 +77,26 @@ class Server:
         if s.local_count:
             binary = (find_chromedriver(s.chromedriver) if s.local_browser == "chromium"
                       else find_phantomjs(s.phantomjs))
+            isolate = self._isolation()
             self.providers.append(LocalProcesses(s.local_count, binary, s.mem_limit,
                                                  browser=BROWSERS[s.local_browser],
-                                                 mem_enforce=s.mem_enforce))
+                                                 mem_enforce=s.mem_enforce, isolate=isolate))
+
+    def _isolation(self) -> isolation.Isolation:
+        """Each local server in its own network namespace where the host allows it (issue 10:
+        PhantomJS listens on every interface whatever it is told)."""
+        mode = self.settings.isolation
+        if mode == "off":
+            log.warning('ISOLATION_OFF reason="--isolation off" detail="local backends listen on '
+                        'every interface; each start names its port"')
+            return isolation.Isolation(0, "--isolation off")
+        isolate = isolation.probe()  # once, before the loop is busy: one short child process
+        if not isolate.available:
+            if mode == "require":
+                raise ConfigError(f"--isolation require: {isolate.reason}")
+            log.warning('ISOLATION_OFF reason="%s" detail="local backends will listen on '
+                        'every interface; each start names its port"', isolate.reason)
+        return isolate
 
     # backends come and go
     def _backend_added(self, backend: Backend) -> None:

@@ -89,3 +89,39 @@ def test_memory_cap_kills_and_restarts_a_process_above_it(stickyproxy, mode, rea
     assert status == 200
     wait_for(lambda: proxy.backend(hog_backend)["state"] == "up", 30, what="back after the kill")
     http_json(f"{proxy.url}/wd/hub/session/{other}", "DELETE")
+
+
+def listening_ports_here() -> set[int]:
+    """TCP ports listening in this network namespace (the host's, for the test)."""
+    return {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+
+
+def test_local_backends_are_isolated_and_still_serve(stickyproxy, pages, selenium3_client):
+    """Issue 10: PhantomJS listens on 0.0.0.0 whatever it is told; in its own network namespace
+    nothing it listens on exists on the host. Proven by inspecting sockets, never by traffic to
+    another address."""
+    proxy = stickyproxy("--local", "2", "--isolation", "require", "--check-interval", "500ms")
+    wait_up(proxy, 2)
+    ours = os.readlink("/proc/self/ns/net")
+    here = listening_ports_here()
+    for b in proxy.stats()["backends"]:
+        assert b["isolated"] is True, b
+        pid, port = b["pid"], b["port"]
+        assert os.readlink(f"/proc/{pid}/ns/net") != ours  # another network namespace
+        with open(f"/proc/{pid}/net/tcp") as f:  # its own table: it does listen there
+            assert any(int(line.split()[1].split(":")[1], 16) == port and line.split()[3] == "0A"
+                       for line in f.readlines()[1:])
+        assert port not in here  # and nothing on the host listens on that port
+        assert b["url"].startswith("http://127.0.0.1:")
+    results = selenium3_client("sessions3.py", proxy=proxy.url, page=pages + "/index.html",
+                               sessions=4, concurrency=2).finish()["results"]
+    assert all(r["ok"] for r in results), results  # pages on the host's loopback still load
+
+
+def test_isolation_off_says_which_ports_are_exposed(stickyproxy):
+    proxy = stickyproxy("--local", "1", "--isolation", "off", "--check-interval", "500ms")
+    wait_up(proxy, 1)
+    (b,) = proxy.stats()["backends"]
+    assert b["isolated"] is False and b["exposed_port"] == b["port"]
+    assert proxy.log(r'ISOLATION_OFF reason="--isolation off"')
+    assert proxy.log(rf"ISOLATION_OFF backend=local-1 exposed_ports={b['port']}")

@@ -206,6 +206,29 @@ def config_hash(*, image: str, command: Sequence[str], mem_limit: int | None, ne
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def container_config(*, image: str, command: list[str], name: str, port: int, pool: str,
+                     slot: int, config: str, environment: Mapping[str, str], restart: str,
+                     init: bool, mem_limit: int | None, network: str) -> dict[str, Any]:
+    """The keyword arguments of `containers.run` for one backend (pure, so tests can check
+    what the engine is asked for). No port is ever published: on a named network only
+    containers on it (stickyproxy) reach PhantomJS; `host` networking is for single-host and
+    test use, and exposes PhantomJS on every interface (it ignores the address it is given)."""
+    kwargs: dict[str, Any] = {
+        "image": image, "command": command, "name": name, "detach": True,
+        "labels": {LABEL_POOL: pool, LABEL_SLOT: str(slot), LABEL_PORT: str(port),
+                   LABEL_CONFIG: config},
+        "environment": dict(environment), "restart_policy": {"Name": restart}, "init": init,
+    }
+    if mem_limit:
+        # Swap capped to the same figure: a leaking PhantomJS is killed, it cannot spill.
+        kwargs.update(mem_limit=mem_limit, memswap_limit=mem_limit)
+    if network == "host":
+        kwargs["network_mode"] = "host"
+    else:
+        kwargs["network"] = network
+    return kwargs
+
+
 def render_command(template: str | Sequence[str], port: int) -> list[str]:
     """`phantomjs --webdriver={port}` -> argv with the port filled in."""
     argv = shlex.split(template) if isinstance(template, str) else list(template)
@@ -471,28 +494,13 @@ class DockerProvider:
             port = (preferred_port if preferred_port and preferred_port not in taken_ports
                     and port_is_free(preferred_port) else free_port(taken_ports))
             taken_ports.add(port)
-            network_args: dict[str, Any] = {"network_mode": "host"}
         else:
             port = WEBDRIVER_PORT
-            network_args = {"network": self.network}
-        labels = {LABEL_POOL: self.pool, LABEL_SLOT: str(slot), LABEL_PORT: str(port),
-                  LABEL_CONFIG: self.config}
-        memory: dict[str, Any] = {}
-        if self.mem_limit:
-            # Swap capped to the same figure: a leaking PhantomJS is killed, it cannot spill.
-            memory = {"mem_limit": self.mem_limit, "memswap_limit": self.mem_limit}
-        self._client.containers.run(
-            self.image,
-            render_command(self.command, port),
-            name=container_name(self.pool, slot),
-            detach=True,
-            labels=labels,
-            environment=dict(self.environment),
-            restart_policy={"Name": self.restart},
-            init=self.init,
-            **memory,
-            **network_args,
-        )
+        self._client.containers.run(**container_config(
+            image=self.image, command=render_command(self.command, port),
+            name=container_name(self.pool, slot), port=port, pool=self.pool, slot=slot,
+            config=self.config, environment=self.environment, restart=self.restart,
+            init=self.init, mem_limit=self.mem_limit, network=self.network))
 
     def _stats_blocking(self, container_id: str) -> tuple[int | None, int | None]:
         try:

@@ -11,7 +11,6 @@ reason, so sessions on it end with that reason instead of waiting for the health
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .. import memcap
+from .. import isolation, memcap
 from . import BackendSpec, PoolSink
 
 log = logging.getLogger("stickyproxy")
@@ -43,12 +42,15 @@ class Browser:
     # Chromium needs these on a server (root, no display, closed network); merged into every
     # W3C new session for this backend unless the client gave them.
     chrome_args: tuple[str, ...] = ()
+    # how the browser leaves an isolated backend's network namespace (isolation.py)
+    egress_args: tuple[str, ...] = ()
 
 
 PHANTOMJS = Browser(
     "phantomjs",
     lambda binary, port: [binary, f"--webdriver=127.0.0.1:{port}", "--webdriver-loglevel=WARN"],
-    {"OPENSSL_CONF": "/dev/null"})  # the packaged build crashes on Debian's OpenSSL config
+    {"OPENSSL_CONF": "/dev/null"},  # the packaged build crashes on Debian's OpenSSL config
+    egress_args=isolation.PHANTOMJS_EGRESS)
 
 CHROMIUM = Browser(
     "chromium",
@@ -117,7 +119,9 @@ def backoff(previous: float, ran_for: float) -> float:
 @dataclass
 class _Slot:
     index: int
-    process: asyncio.subprocess.Process | None = None
+    process: asyncio.subprocess.Process | None = None  # the isolation relay, or the server
+    pid: int = 0  # the server's own (PhantomJS, chromedriver): memory, stats, generation
+    isolated: isolation.Isolated | None = None
     port: int = 0
     cap: memcap.Watchdog | None = None
     started: float = 0.0
@@ -133,7 +137,8 @@ class LocalProcesses:
 
     def __init__(self, count: int, binary: str, mem_limit: int, *, browser: Browser = PHANTOMJS,
                  mem_enforce: str = "auto", watch_interval: float = 1.0,
-                 start_timeout: float = 30.0, log_dir: str | None = None) -> None:
+                 start_timeout: float = 30.0, log_dir: str | None = None,
+                 isolate: isolation.Isolation | None = None) -> None:
         self.count = count
         self.binary = binary
         self.browser = browser
@@ -142,6 +147,8 @@ class LocalProcesses:
         self.watch_interval = watch_interval
         self.start_timeout = start_timeout
         self.log_dir = log_dir or tempfile.mkdtemp(prefix=f"stickyproxy-{browser.name}-")
+        # probed once by the caller (a blocking child process); None: run on the host network
+        self.isolate = isolate or isolation.Isolation(0, "isolation off")
         if mem_enforce == "cgroup":  # refuse at start-up, not on the first restart
             memcap.make_cap("probe", mem_limit, mem_enforce).remove()
         self.slots = {i: _Slot(i) for i in range(1, count + 1)}
@@ -183,7 +190,7 @@ class LocalProcesses:
 
     def memory(self, backend_id: str) -> int | None:
         slot = next((s for s in self.slots.values() if self._id(s) == backend_id), None)
-        return memcap.tree_rss(slot.process.pid) if slot and slot.process else None
+        return memcap.tree_rss(slot.pid) if slot and slot.pid else None
 
     async def _supervise(self, slot: _Slot, sink: PoolSink) -> None:
         delay = 1.0
@@ -199,9 +206,10 @@ class LocalProcesses:
                 continue
             self.specs[slot.index] = BackendSpec(
                 self._id(slot), f"http://127.0.0.1:{slot.port}", self.source,
-                generation=str(slot.process.pid),
-                meta={"pid": slot.process.pid, "port": slot.port, "browser": self.browser.name,
-                      "chrome_args": self.browser.chrome_args})
+                generation=str(slot.pid), unix_socket=slot.isolated.unix_socket,
+                meta={"pid": slot.pid, "port": slot.port, "browser": self.browser.name,
+                      "chrome_args": self.browser.chrome_args,
+                      "isolated": slot.isolated.isolated})
             sink.publish(self.source, list(self.specs.values()))
             code = await self._wait(slot)
             if self._closing or slot.retired:
@@ -224,28 +232,24 @@ class LocalProcesses:
         slot.log_path = os.path.join(self.log_dir, f"local-{slot.index}.log")
         env = dict(os.environ, **self.browser.env)
         slot.cap = memcap.make_cap(f"local-{slot.index}", self.mem_limit, self.mem_enforce)
-        with open(slot.log_path, "ab") as out:
-            slot.process = await asyncio.create_subprocess_exec(
-                *self.browser.argv(self.binary, slot.port),
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not theirs
-                preexec_fn=_die_with_parent)
+        argv = self.browser.argv(self.binary, slot.port)
+        if self.isolate.available:
+            argv += self.browser.egress_args
         slot.started = time.monotonic()
-        slot.cap.attach(slot.process.pid)
-        deadline = time.monotonic() + self.start_timeout
-        while True:  # ready when its port accepts a connection (Selenoid polls the same way)
-            if slot.process.returncode is not None:
-                raise OSError(f"{self.browser.name} exited with code {slot.process.returncode} "
-                              f"at start; see {slot.log_path}")
+        with open(slot.log_path, "ab") as out:
             try:
-                _, writer = await asyncio.open_connection("127.0.0.1", slot.port)
-                writer.close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.browser.name} did not listen within "
-                                       f"{self.start_timeout:g}s")
-                await asyncio.sleep(0.05)
+                # in its own network namespace where the host allows one (issue 10: PhantomJS
+                # listens on 0.0.0.0 whatever it is told); ready once it accepts connections
+                slot.isolated = await isolation.launch(
+                    argv, slot.port, self.log_dir, env, isolation=self.isolate,
+                    name=self._id(slot), log=out.fileno(), start_timeout=self.start_timeout,
+                    on_pid=slot.cap.attach)
+            except OSError as exc:
+                raise OSError(f"{self.browser.name}: {exc}; see {slot.log_path}") from None
+        slot.process, slot.pid = slot.isolated.process, slot.isolated.pid
+        if not slot.isolated.isolated:
+            log.warning(isolation.exposure_warning([slot.port], slot.isolated.reason,
+                                                   backend=self._id(slot)))
 
     async def _wait(self, slot: _Slot) -> int:
         """Wait for the process to exit, killing it if the watchdog finds it over its cap."""
@@ -290,25 +294,20 @@ class LocalProcesses:
         for slot in list(self.slots.values()):
             cap = slot.cap
             out[self._id(slot)] = {
-                "pid": slot.process.pid if slot.process and slot.process.returncode is None else None,
+                "pid": slot.pid if slot.process and slot.process.returncode is None else None,
+                "port": slot.port,
                 "restarts": slot.restarts,
                 "exits": dict(slot.exits),
                 "browser": self.browser.name,
-                "memory": {"rss_bytes": memcap.tree_rss(slot.process.pid) if cap else None,
+                **(slot.isolated.stats() if slot.isolated else
+                   {"isolated": self.isolate.available, "isolation": self.isolate.reason,
+                    "exposed_port": None}),
+                "memory": {"rss_bytes": memcap.tree_rss(slot.pid) if cap else None,
                            "limit_bytes": self.mem_limit,
                            "cap": cap.kind if cap else None},
                 "log": slot.log_path,
             }
         return out
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: if stickyproxy itself is killed (SIGKILL, OOM), its
-    PhantomJS processes go with it instead of running on unowned."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _kill(proc: asyncio.subprocess.Process, sig: int) -> None:
