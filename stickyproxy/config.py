@@ -156,8 +156,13 @@ class Settings:
     docker_network: str = _opt("host", "`host`: each container binds its own loopback port; or a "
                                        "named network, reached by container name on 8910",
                                metavar="NETWORK")
-    docker_host: str = _opt("", "Docker engine URL", metavar="URL",
-                            shown="DOCKER_HOST, else the local socket")
+    docker_host: tuple[str, ...] = _opt((), "Docker engine URL, repeatable: --docker containers "
+                                            "are spread over the engines, each engine's failure "
+                                            "touching only its own", str, repeat=True,
+                                        metavar="URL", shown="DOCKER_HOST, else the local socket")
+    docker_discover: bool = _opt(False, "adopt running containers labelled stickyproxy.port=PORT "
+                                        "on the --docker-host engines as backends (started by "
+                                        "others: compose, scripts)", _flag, shown="off")
     docker_cleanup: bool = _opt(False, "remove the pool's containers on exit (else they keep "
                                        "running for the next start to adopt)", _flag, shown="off")
     local: int | None = _opt(None, "start N local WebDriver servers (PhantomJS by default) on "
@@ -256,12 +261,13 @@ class Settings:
         """Local servers to start: the embedded default when no other source is given."""
         if self.local is not None:
             return self.local
-        return 0 if (self.backend or self.backend_dns or self.docker) else 2
+        return 0 if (self.backend or self.backend_dns or self.docker or self.docker_discover) else 2
 
     def validate(self) -> "Settings":
         if self.check_timeout <= 0 or self.check_interval <= 0:
             raise ConfigError("--check-interval and --check-timeout must be above zero")
-        if self.local_count == 0 and not (self.backend or self.backend_dns or self.docker):
+        if self.local_count == 0 and not (self.backend or self.backend_dns or self.docker
+                                          or self.docker_discover):
             raise ConfigError("no backends: give --backend URL, --backend-dns NAME, --docker N "
                               "or --local N")
         return self

@@ -64,16 +64,26 @@ class Server:
             self.providers.append(StaticProvider(s.backend))
         if s.backend_dns:
             self.providers.append(DnsProvider(s.backend_dns, s.dns_interval, s.dns_server))
+        engines = list(s.docker_host) or [None]  # None: DOCKER_HOST, else the local socket
         if s.docker:
             from .providers.docker import DockerProvider  # docker-py loads only when used
             if s.docker_network == "host":
                 log.warning('ISOLATION_OFF source=docker reason="--docker-network host: '
                             'PhantomJS in the containers listens on every interface of this host" '
                             'detail="use a private network, as deploy/docker-compose.launcher.yml"')
-            self.providers.append(DockerProvider(
-                s.docker, image=s.image, mem_limit=s.mem_limit, pool=s.pool,
-                network=s.docker_network, cleanup=s.docker_cleanup,
-                base_url=s.docker_host or None))
+            for index, (engine, count) in enumerate(spread(s.docker, engines), 1):
+                if not count:
+                    continue
+                several = len(engines) > 1  # each engine its own pool label, source and ids
+                self.providers.append(DockerProvider(
+                    count, image=s.image, mem_limit=s.mem_limit,
+                    pool=f"{s.pool}-e{index}" if several else s.pool,
+                    network=s.docker_network, cleanup=s.docker_cleanup, base_url=engine,
+                    source=f"docker-e{index}" if several else "docker"))
+        if s.docker_discover:
+            from .providers.labels import LabelProvider
+            for index, engine in enumerate(engines, 1):
+                self.providers.append(LabelProvider(engine, source=f"labels-e{index}"))
         if s.local_count:
             binary = (find_chromedriver(s.chromedriver) if s.local_browser == "chromium"
                       else find_phantomjs(s.phantomjs))
@@ -81,6 +91,24 @@ class Server:
             self.providers.append(LocalProcesses(s.local_count, binary, s.mem_limit,
                                                  browser=BROWSERS[s.local_browser],
                                                  mem_enforce=s.mem_enforce, isolate=isolate))
+
+    async def _prepare_engines(self) -> None:
+        """Make sure each Docker engine answers and has the image. With one engine a failure
+        stops start-up, clearly; with several, an engine that fails is left out (and logged)
+        while any one works."""
+        launchers = [p for p in self.providers if hasattr(p, "ensure_image")]
+        failures = []
+        for provider in launchers:
+            try:
+                await provider.ensure_image()
+            except RuntimeError as exc:  # DockerUnavailable, ImageUnavailable
+                if len(launchers) == 1:
+                    raise
+                failures.append(exc)
+                log.error('DOCKER_ENGINE_UNAVAILABLE source=%s reason="%s"', provider.source, exc)
+                self.providers.remove(provider)
+        if launchers and len(failures) == len(launchers):
+            raise failures[0]
 
     def _isolation(self) -> isolation.Isolation:
         """Each local server in its own network namespace where the host allows it (issue 10:
@@ -161,9 +189,7 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         self._build_providers()
-        for provider in self.providers:  # a missing image or engine stops start-up, clearly
-            if hasattr(provider, "ensure_image"):
-                await provider.ensure_image()
+        await self._prepare_engines()
         self.lifecycle = Lifecycle(self.pool, self.sessions, s,
                                    {p.source: p for p in self.providers}, self._memory)
         self.guard = Guard(Authenticator(s.auth_token, load_users(s.auth_users)),
@@ -221,6 +247,12 @@ class Server:
         for backend in self.pool:
             if backend.upstream:
                 backend.upstream.close()
+
+
+def spread(count: int, engines: list) -> list[tuple[object, int]]:
+    """`count` containers over `engines`, as evenly as they go: (engine, how many)."""
+    base, extra = divmod(count, len(engines))
+    return [(engine, base + (i < extra)) for i, engine in enumerate(engines)]
 
 
 def load_users(path: str) -> dict[str, str]:

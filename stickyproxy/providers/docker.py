@@ -189,11 +189,12 @@ def serving_by_slot(existing: Iterable[Observed], slots: Collection[int], config
     return dict(sorted(best.items()))
 
 
-def spec_for(c: Observed, *, pool: str, network: str, mem_limit: int | None, image: str) -> BackendSpec:
+def spec_for(c: Observed, *, pool: str, network: str, mem_limit: int | None, image: str,
+             source: str = "docker") -> BackendSpec:
     return BackendSpec(
         id=slot_backend_id(pool, c.slot),
         url=backend_url(network, c.name, c.port),
-        source=SOURCE,
+        source=source,
         generation=c.generation,
         meta={"container_id": c.id[:12], "container_name": c.name, "image": image,
               "mem_limit": mem_limit, "port": c.port if network == "host" else WEBDRIVER_PORT},
@@ -331,7 +332,9 @@ class DockerProvider:
         removal_grace: float = 0.3,
         progress: TextIO | None = None,
         environment: Mapping[str, str] | None = None,
+        source: str = SOURCE,
     ) -> None:
+        self.source = source  # one per engine when several are used: the lifecycle finds us by it
         if count < 0:
             raise ValueError("docker: count must be >= 0")
         if restart not in RESTART_POLICIES:
@@ -667,6 +670,7 @@ class DockerProvider:
                 self._lost(cid, EXITED)
         serving = serving_by_slot(observed, self._slots or (), self.config)
         fresh = [spec_for(c, pool=self.pool, network=self.network, mem_limit=self.mem_limit,
+                          source=self.source,
                           image=self.image) for c in serving.values()]
         # A slot stays published while its container restarts or is replaced (the pool was told
         # through lost() and holds it down): it keeps its record and counters in the pool, and a
