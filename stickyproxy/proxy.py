@@ -45,6 +45,7 @@ ACCESS_LOG = web.AppKey("access_log", bool)
 TIMING = web.RequestKey("timing", Timing)  # this request's clock: metrics and the access log
 GUARD = web.AppKey("guard", Guard)
 PRINCIPAL = web.RequestKey("principal", str)  # who sent it, when auth is on
+APP = web.RequestKey("app", web.Application)  # the port's state (make_app), set per request
 KEY = web.AppKey("session_key", bytes)  # b"": ids are the backends' own
 
 BACKEND_HEADER = "X-Stickyproxy-Backend"
@@ -63,7 +64,7 @@ def error_response(err: WebDriverError, backend: str | None = None) -> web.Respo
     return response
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+async def handle(request: web.BaseRequest) -> web.StreamResponse:
     timing = request[TIMING] = Timing(time.perf_counter())
     status = 500  # an exception we did not expect: aiohttp answers 500
     try:
@@ -75,15 +76,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         elapsed = time.perf_counter() - timing.started
-        request.app[METRICS].observe(timing, elapsed)  # the one metrics call per request
-        if request.app[ACCESS_LOG]:
+        request[APP][METRICS].observe(timing, elapsed)  # the one metrics call per request
+        if request[APP][ACCESS_LOG]:
             access_log.info("ACCESS session=%s backend=%s method=%s path=%s status=%d ms=%.1f",
                             timing.session or "-", timing.backend_id or "-", request.method,
                             request.rel_url.raw_path, status, elapsed * 1000)
 
 
-async def _route(request: web.Request, timing: Timing) -> web.StreamResponse:
-    guard = request.app[GUARD]
+async def _route(request: web.BaseRequest, timing: Timing) -> web.StreamResponse:
+    guard = request[APP][GUARD]
     try:
         try:
             check_target(request.method, request.raw_path)
@@ -105,7 +106,7 @@ async def _route(request: web.Request, timing: Timing) -> web.StreamResponse:
             timing.kind = "new_session"
             return await _new_session(request)
         if route.kind is Kind.STATUS:
-            return _status(request.app[POOL])
+            return _status(request[APP][POOL])
         raise WebDriverError.unknown_command(request.method, request.rel_url.raw_path)
     except WebDriverError as err:
         return error_response(err)
@@ -118,7 +119,7 @@ def _status(pool: Pool) -> web.Response:
     return web.json_response({"value": {"ready": ready, "message": message}})
 
 
-async def _body(request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+async def _body(request: web.BaseRequest) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
     """The request body whole when small or absent, else a stream (with its length if known)."""
     length = request.content_length
     if not request.body_exists:
@@ -128,9 +129,9 @@ async def _body(request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | No
     return _limited(request), length
 
 
-async def _limited(request: web.Request) -> AsyncIterator[bytes]:
+async def _limited(request: web.BaseRequest) -> AsyncIterator[bytes]:
     """A streamed body, cut off at --max-body (a chunked upload declares no length up front)."""
-    guard, seen = request.app[GUARD], 0
+    guard, seen = request[APP][GUARD], 0
     async for chunk in request.content.iter_any():
         seen += len(chunk)
         if seen > guard.max_body:
@@ -138,14 +139,14 @@ async def _limited(request: web.Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _session_command(request: web.Request, sid: str, kind: Kind,
+async def _session_command(request: web.BaseRequest, sid: str, kind: Kind,
                            rest: str) -> web.StreamResponse:
-    sessions = request.app[SESSIONS]
+    sessions = request[APP][SESSIONS]
     session = sessions.get(sid)
     if session is not None and session.owner != request.get(PRINCIPAL, ""):
         # Someone else's: indistinguishable from no session at all.
         raise WebDriverError.invalid_session(sid, "no such session on this proxy")
-    if session is None and request.app[KEY]:
+    if session is None and request[APP][KEY]:
         session = _learn(request, sid)
     if session is None:
         ended = sessions.why_ended(sid)
@@ -154,7 +155,7 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
         raise WebDriverError.invalid_session(
             sid, f"ended on backend {ended.backend_id}: {ended.reason.value}"
                  + (f" ({ended.detail})" if ended.detail else ""))
-    pool = request.app[POOL]
+    pool = request[APP][POOL]
     request[TIMING].backend_id = session.backend_id
     backend = pool.get(session.backend_id)
     if backend is None or backend.health.state == DOWN:
@@ -173,10 +174,10 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
     try:
         answer = await request[TIMING].on_backend(backend.upstream.request(
             request.method, target, request.raw_headers, body,
-            length=length, timeout=request.app[TIMEOUT]))
+            length=length, timeout=request[APP][TIMEOUT]))
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         backend.errors_total += 1
-        why = str(exc) or f"no answer within {request.app[TIMEOUT]:g}s"
+        why = str(exc) or f"no answer within {request[APP][TIMEOUT]:g}s"
         log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', sid, backend.id, why)
         if kind is Kind.DELETE_SESSION:
             sessions.end(sid, EndReason.CLIENT_DELETE, f"delete not confirmed: {why}")
@@ -188,12 +189,12 @@ async def _session_command(request: web.Request, sid: str, kind: Kind,
                         session.backend_sid if session.rewritten else None)
 
 
-def _learn(request: web.Request, public: str) -> Session | None:
+def _learn(request: web.BaseRequest, public: str) -> Session | None:
     """A session created through another replica (or before a restart): routed by the route
     signed into its id, then pinned here like our own."""
     owner = request.get(PRINCIPAL, "")
-    parsed = routes.parse(request.app[KEY], public, owner)
-    pool = request.app[POOL]
+    parsed = routes.parse(request[APP][KEY], public, owner)
+    pool = request[APP][POOL]
     backend_id = pool.by_route.get(parsed.route) if parsed else None
     if backend_id is None:
         return None
@@ -201,7 +202,7 @@ def _learn(request: web.Request, public: str) -> Session | None:
     session = Session(public, backend_id, pool.backends[backend_id].spec.generation, now, now,
                       owner=owner, backend_sid=parsed.backend_sid, learned=True,
                       bridge=bridge.BridgeSession() if parsed.bridged else None)
-    request.app[SESSIONS].pin(session)
+    request[APP][SESSIONS].pin(session)
     return session
 
 
@@ -220,7 +221,7 @@ async def _rewrite_stream(chunks: AsyncIterator[bytes], rewriter) -> AsyncIterat
     yield rewriter.close()
 
 
-async def _relay(request: web.Request, answer: Response, backend: Backend,
+async def _relay(request: web.BaseRequest, answer: Response, backend: Backend,
                  sid: str, backend_sid: str | None = None) -> web.StreamResponse:
     """Send a backend's answer on to the client: whole when small, streamed when large; with
     the backend's session id turned back into the client's where they differ."""
@@ -255,12 +256,12 @@ async def _relay(request: web.Request, answer: Response, backend: Backend,
         answer.release()
 
 
-async def _new_session(request: web.Request) -> web.StreamResponse:
-    pool, sessions, queue, state = (request.app[POOL], request.app[SESSIONS], request.app[QUEUE],
-                                    request.app[STATE])
+async def _new_session(request: web.BaseRequest) -> web.StreamResponse:
+    pool, sessions, queue, state = (request[APP][POOL], request[APP][SESSIONS], request[APP][QUEUE],
+                                    request[APP][STATE])
     if state.shutting_down:
         raise WebDriverError.session_not_created("stickyproxy is shutting down")
-    guard = request.app[GUARD]
+    guard = request[APP][GUARD]
     wait = guard.limiter.take(request.remote or "-", time.monotonic())
     if wait:
         raise guard.refuse("rate", guard.too_fast(wait), request.remote)
@@ -302,7 +303,7 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
                 answer, data = await asyncio.shield(attempt)
             except asyncio.CancelledError:
                 owner = request.get(PRINCIPAL, "")
-                attempt.add_done_callback(lambda t, b=backend: _orphaned(request.app, b, t, owner))
+                attempt.add_done_callback(lambda t, b=backend: _orphaned(request[APP], b, t, owner))
                 raise
             try:  # pinned before the reservation is released, so the slot is never handed twice
                 return await _pin_new_session(request, sessions, backend, answer, data, cookie,
@@ -327,12 +328,12 @@ async def _new_session(request: web.Request) -> web.StreamResponse:
             pool.release(current)  # the reservation made by pick() or the queue
 
 
-async def _wait_for_slot(request: web.Request, cookie: str | None, tried: tuple[str, ...]) -> str:
+async def _wait_for_slot(request: web.BaseRequest, cookie: str | None, tried: tuple[str, ...]) -> str:
     """Queue for a slot when backends are up but full; fail at once when none could take it."""
-    pool, queue = request.app[POOL], request.app[QUEUE]
+    pool, queue = request[APP][POOL], request[APP][QUEUE]
     if not pool.could_take(tried):
         raise WebDriverError.session_not_created(_no_backend_message(pool, tried))
-    timeout = request.app[QUEUE_TIMEOUT]
+    timeout = request[APP][QUEUE_TIMEOUT]
     began, refused = time.perf_counter(), False
     try:
         return await queue.wait(cookie, tried, timeout)
@@ -351,10 +352,10 @@ async def _wait_for_slot(request: web.Request, cookie: str | None, tried: tuple[
         if not refused:
             waited = time.perf_counter() - began
             request[TIMING].queued += waited
-            request.app[METRICS].observe_queue_wait(waited)
+            request[APP][METRICS].observe_queue_wait(waited)
 
 
-async def _attempt(request: web.Request, backend: Backend, body: bytes,
+async def _attempt(request: web.BaseRequest, backend: Backend, body: bytes,
                    rewritten: bool) -> tuple[Response, bytes]:
     headers = request.raw_headers
     if rewritten:  # the body changed: its length is recomputed, its type stays JSON
@@ -362,7 +363,7 @@ async def _attempt(request: web.Request, backend: Backend, body: bytes,
         headers.append((b"Content-Type", b"application/json; charset=utf-8"))
     answer = await request[TIMING].on_backend(backend.upstream.request(
         "POST", request.rel_url.raw_path_qs, headers, body,
-        timeout=request.app[TIMEOUT], fresh=True))
+        timeout=request[APP][TIMEOUT], fresh=True))
     try:
         return answer, await request[TIMING].on_backend(answer.read())
     except BaseException:
@@ -388,7 +389,7 @@ def _orphaned(app: web.Application, backend: Backend, attempt: asyncio.Future,
         app[LIFE].end(sid, EndReason.CLIENT_DELETE, "client left before the new session answer")
 
 
-async def _pin_new_session(request: web.Request, sessions: SessionTable, backend: Backend,
+async def _pin_new_session(request: web.BaseRequest, sessions: SessionTable, backend: Backend,
                            answer: Response, data: bytes, cookie: str | None,
                            w3c_payload: dict | None) -> web.Response:
     """Learn the session id from a backend's new-session answer and pin it. For a W3C client
@@ -422,8 +423,8 @@ async def _pin_new_session(request: web.Request, sessions: SessionTable, backend
     now = time.monotonic()
     owner = request.get(PRINCIPAL, "")
     public = sid
-    if request.app[KEY]:  # the client's id carries its signed route (routes.py)
-        public = routes.public_id(request.app[KEY], backend.spec.url, sid, owner, bridged is not None)
+    if request[APP][KEY]:  # the client's id carries its signed route (routes.py)
+        public = routes.public_id(request[APP][KEY], backend.spec.url, sid, owner, bridged is not None)
         data = data.replace(sid.encode(), public.encode())
         if bridged is not None:
             parsed = json.loads(json.dumps(parsed).replace(sid, public))
@@ -433,7 +434,7 @@ async def _pin_new_session(request: web.Request, sessions: SessionTable, backend
     backend.sessions_total += 1
     backend.generation_sessions += 1
     backend.requests_total += 1
-    request.app[LIFE].consider(backend, now)
+    request[APP][LIFE].consider(backend, now)
     if bridged is None:
         backend.dialect = "jsonwp" if isinstance(parsed, dict) and isinstance(
             parsed.get("status"), int) else "w3c"
@@ -453,9 +454,9 @@ def _json(status: int, body, backend: Backend) -> web.Response:
                         headers={BACKEND_HEADER: backend.id})
 
 
-def _sender(request: web.Request, backend: Backend, sid: str):
+def _sender(request: web.BaseRequest, backend: Backend, sid: str):
     """The bridge's `send`: one JSONWP call on the session's backend, parsed."""
-    app, timing = request.app, request[TIMING]
+    app, timing = request[APP], request[TIMING]
 
     async def send(method: str, subpath: str, body) -> tuple[int, object]:
         payload = None if body is None else json.dumps(body).encode()
@@ -474,7 +475,7 @@ def _sender(request: web.Request, backend: Backend, sid: str):
     return send
 
 
-async def _bridged_command(request: web.Request, session: Session, backend: Backend,
+async def _bridged_command(request: web.BaseRequest, session: Session, backend: Backend,
                            rest: str, kind: Kind) -> web.Response:
     """A W3C command of a session on a JSONWP backend: planned and answered by the bridge."""
     raw = await request.read()
@@ -487,14 +488,14 @@ async def _bridged_command(request: web.Request, session: Session, backend: Back
         reply = await bridge.run(step, _sender(request, backend, session.backend_sid))
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         backend.errors_total += 1
-        why = str(exc) or f"no answer within {request.app[TIMEOUT]:g}s"
+        why = str(exc) or f"no answer within {request[APP][TIMEOUT]:g}s"
         log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', session.id, backend.id, why)
         if kind is Kind.DELETE_SESSION:
-            request.app[SESSIONS].end(session.id, EndReason.CLIENT_DELETE,
+            request[APP][SESSIONS].end(session.id, EndReason.CLIENT_DELETE,
                                       f"delete not confirmed: {why}")
         raise WebDriverError.backend_unavailable(session.id, backend.id, why) from None
     if kind is Kind.DELETE_SESSION:
-        request.app[SESSIONS].end(session.id, EndReason.CLIENT_DELETE)
+        request[APP][SESSIONS].end(session.id, EndReason.CLIENT_DELETE)
     return _json(reply.status, reply.body, backend)
 
 
@@ -513,7 +514,8 @@ def make_app(pool: Pool, sessions: SessionTable, queue: SessionQueue, life: Life
              guard: Guard, backend_timeout: float, queue_timeout: float,
              session_key: bytes = b"", *,
              metrics: Metrics | None = None, access_log: bool = False) -> web.Application:
-    app = web.Application(client_max_size=guard.max_body, middlewares=[_every_request])
+    """The WebDriver port's shared state, under typed keys (served by `make_server`)."""
+    app = web.Application()
     app[METRICS] = metrics or Metrics(dict, process=False)
     app[ACCESS_LOG] = access_log
     app[GUARD] = guard
@@ -528,12 +530,27 @@ def make_app(pool: Pool, sessions: SessionTable, queue: SessionQueue, life: Life
     return app
 
 
-@web.middleware
-async def _every_request(request: web.Request, handler) -> web.StreamResponse:
-    """All requests come here, whatever their target: the router would answer targets that are
-    not paths (CONNECT host:443, absolute-form) with its own text/plain 404, and matching one
-    catch-all route is work for nothing."""
-    return await handle(request)
+def make_server(app: web.Application, *, keepalive_timeout: float,
+                max_header_size: int) -> web.Server:
+    """aiohttp's low-level server with `handle` for every request, whatever its target: no
+    router (it would answer `CONNECT host:443` with its own text/plain 404, and resolving a
+    catch-all route, building a not-found exception and wrapping a middleware cost about a
+    tenth of the proxy's CPU per request), no middlewares."""
+    loop = asyncio.get_running_loop()
+    guard = app[GUARD]
+
+    def request_factory(message, payload, protocol, writer, task) -> web.BaseRequest:
+        request = web.BaseRequest(message, payload, protocol, writer, task, loop,
+                                  client_max_size=guard.max_body)
+        request[APP] = app
+        return request
+
+    # handler_cancellation: a client that disconnects while queued leaves the queue at once
+    server = web.Server(handle, request_factory=request_factory, handler_cancellation=True,
+                        access_log=None, keepalive_timeout=keepalive_timeout,
+                        max_line_size=max_header_size, max_field_size=max_header_size)
+    answer_parse_errors_as_webdriver(server, guard)
+    return server
 
 
 class _WebDriverErrors(RequestHandler):

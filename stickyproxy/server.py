@@ -203,15 +203,13 @@ class Server:
             "stats": (stats.make_app(self.snapshot, self, self.metrics), s.stats_listen),
         }
         for name, (app, (host, port)) in apps.items():
-            # handler_cancellation: a client that disconnects while queued leaves the queue at once
-            runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                   handler_cancellation=True,
-                                   keepalive_timeout=s.client_idle_timeout,
-                                   max_line_size=s.max_header_size,
-                                   max_field_size=s.max_header_size)
-            await runner.setup()
             if name == "listen":
-                proxy.answer_parse_errors_as_webdriver(runner.server, self.guard)
+                runner = web.ServerRunner(proxy.make_server(
+                    app, keepalive_timeout=s.client_idle_timeout,
+                    max_header_size=s.max_header_size), handle_signals=False)
+            else:
+                runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
             self._runners.append(runner)
