@@ -24,7 +24,7 @@ from .lifecycle import Lifecycle, fmt
 from .metrics import Metrics, Timing
 from .queue import QueueFull, SessionQueue
 from .health import DOWN
-from .routing import Attempt, choose, may_retry_elsewhere
+from .routing import Attempt, may_retry_elsewhere
 from .sessions import EndReason, Session, SessionTable
 from .upstream import HOP_BY_HOP, NotConnected, Response, UpstreamError
 from .webdriver import (Kind, WebDriverError, check_target, classify, session_id_of,

@@ -114,7 +114,8 @@ def close_pipes(proc: subprocess.Popen) -> None:
             pipe.close()
 
 
-def _stop(procs) -> None:
+def stop_processes(procs) -> None:
+    """Terminate processes we started, by PID; kill what does not stop within 10 s."""
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()
@@ -142,14 +143,14 @@ def phantomjs(phantomjs_binary):
         return phantom
 
     yield start
-    _stop([p.proc for p in started])
+    stop_processes([p.proc for p in started])
 
 
 @pytest.fixture(scope="session")
 def shared_phantoms(phantomjs_binary):
     phantoms = [_start_phantom(phantomjs_binary) for _ in range(4)]
     yield phantoms
-    _stop([p.proc for p in phantoms])
+    stop_processes([p.proc for p in phantoms])
 
 
 # --- stickyproxy -----------------------------------------------------------------------------

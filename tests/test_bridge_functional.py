@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import shutil
-import socket
 import struct
 import subprocess
 import threading
@@ -57,7 +55,8 @@ from selenium.webdriver.common.timeouts import Timeouts  # noqa: E402
 from selenium.webdriver.remote.client_config import ClientConfig  # noqa: E402
 from selenium.webdriver.remote.remote_connection import RemoteConnection  # noqa: E402
 
-from conftest import Proxy, close_pipes, start_proxy, wait_up  # noqa: E402
+from conftest import Proxy, close_pipes, start_proxy, stop_processes, wait_for, wait_up  # noqa: E402
+from stickyproxy.providers.processes import free_port as _free_port  # noqa: E402
 from stickyproxy import bridge  # noqa: E402
 
 SITE = Path(__file__).parent / "site"
@@ -71,54 +70,10 @@ class PhantomJSOptions(ArgOptions):
         return {"browserName": "phantomjs"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
-def bridged_phantom(phantomjs_binary, tmp_path_factory) -> Iterator[str]:
-    """One real PhantomJS (GhostDriver) on 127.0.0.1 for this module, ended by PID."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("phantomjs") / "phantomjs.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([phantomjs_binary, f"--webdriver=127.0.0.1:{port}",
-                             "--webdriver-loglevel=WARN"],
-                            env={**os.environ, "OPENSSL_CONF": "/dev/null"},
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"phantomjs exited with {proc.returncode}: "
-                                 f"{log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/status", timeout=1) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-
-    try:
-        _wait_for(up, what="phantomjs /status")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def bridged_phantom(shared_phantoms) -> str:
+    """A real PhantomJS (GhostDriver) on 127.0.0.1, the suite's shared one."""
+    return shared_phantoms[3].url
 
 
 SLOW_PAGE_SECONDS = 2.0
@@ -431,7 +386,7 @@ def test_frames(browser) -> None:
 def test_windows(browser) -> None:
     main = browser.current_window_handle
     browser.find_element(By.ID, "popup").click()
-    _wait_for(lambda: len(browser.window_handles) == 2, 5, "the help window")
+    wait_for(lambda: len(browser.window_handles) == 2, 5, what="the help window")
     other = next(h for h in browser.window_handles if h != main)
     browser.switch_to.window(other)
     assert browser.find_element(By.ID, "help").text == "Call us on 555-0100"
@@ -633,15 +588,10 @@ def chromedriver() -> Iterator[str]:
             return False
 
     try:
-        _wait_for(up, what="chromedriver /status")
+        wait_for(up, 15, what="chromedriver /status")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc])
 
 
 def test_bridged_new_session_payload_keeps_a_w3c_backend_w3c(chromedriver) -> None:
