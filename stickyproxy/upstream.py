@@ -72,16 +72,19 @@ class _Connection(asyncio.Protocol):
             self._sock, self._quickack = sock, hasattr(socket, "TCP_QUICKACK")
 
     def data_received(self, data: bytes) -> None:
-        if self._quickack:
-            try:
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            except OSError:
-                self._quickack = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"backend sent a malformed HTTP response: {exc}"))
             self.transport.close()
+            return
+        if self._quickack and not self._done:
+            # More of this answer is due: ACK what came at once, or a Nagle-bound sender
+            # (GhostDriver) waits for our delayed ACK. A complete answer needs no syscall.
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                self._quickack = False
 
     def eof_received(self) -> bool:
         # httptools has no end-of-input call: a body with neither a length nor chunking ends
