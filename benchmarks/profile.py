@@ -1,0 +1,155 @@
+"""Where stickyproxy's time goes: py-spy on the proxy while a bounded load runs.
+
+    python -m benchmarks.profile overhead [--seconds 10]   # wrk, 64 conns, pinned /title on nginx
+    python -m benchmarks.profile e2e [--seconds 15]        # 4 PhantomJS, C=16 sessions
+    python -m benchmarks.profile newsession [--seconds 10] # POST /session + DELETE against nginx
+
+Needs py-spy (`pip install py-spy`; a profiling tool, not a dependency of stickyproxy). Writes
+benchmarks/out/profile-<scenario>-<time>.svg (flame graph) and .txt: the share of samples by
+function, self and inclusive, from py-spy's collapsed stacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .loadgen import create_sessions, wrk_run
+from .procs import Stack
+
+OUT = Path(__file__).resolve().parent / "out"
+GIL: list[str] = []  # ["--gil"]: only samples holding the GIL (excludes uvloop waiting in epoll)
+
+
+def summarize(collapsed: str, top: int = 40) -> str:
+    self_c: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = [re.sub(r" \((?:/[^)]*/)?([^/)]+)\)", r" (\1)", f) for f in stack.split(";")]
+        self_c[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return "no samples\n"
+    areas: collections.Counter = collections.Counter()
+    for f, c in self_c.items():
+        areas[_area(f)] += c
+    lines = [f"{total} samples (holding the GIL unless --all-samples)", "", "BY AREA (self time)"]
+    lines += [f"{c * 100 / total:6.1f}%  {a}" for a, c in areas.most_common()]
+    lines += ["", "SELF share  function (file:line)"]
+    lines += [f"{c * 100 / total:6.1f}%  {f}" for f, c in self_c.most_common(top)]
+    lines += ["", "INCLUSIVE share  function (file:line)"]
+    lines += [f"{c * 100 / total:6.1f}%  {f}" for f, c in incl.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+SYSCALL_FRAMES = ("_Connection.send ", "StreamWriter._writelines ", "Runner.run ", "Upstream._open ")
+
+
+def _area(frame: str) -> str:
+    """Which layer a leaf frame belongs to (frames that mostly wrap one syscall count apart)."""
+    if frame.startswith(SYSCALL_FRAMES) or frame.startswith("socket."):
+        return "socket syscalls and the event loop (transport.write/writelines, connect, uvloop run)"
+    for key, area in (("(aiohttp/", "aiohttp server: request objects, routing, response building"),
+                      ("(yarl/", "aiohttp server: request objects, routing, response building"),
+                      ("(multidict/", "aiohttp server: request objects, routing, response building"),
+                      ("(asyncio/", "asyncio primitives (timeout, Semaphore, futures, tasks)"),
+                      ("(logging/", "logging"), ("(json/", "json"), ("(stickyproxy/", "stickyproxy code")):
+        if key in frame:
+            return area
+    return "other: " + frame.split(" (")[-1].rstrip(")")
+
+
+def _pyspy(pid: int, seconds: float, out: Path, fmt: str) -> subprocess.Popen:
+    exe = shutil.which("py-spy")
+    if not exe:
+        sys.exit("py-spy is not installed: pip install py-spy")
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--rate", "250", "--nonblocking", *GIL, "--format", fmt, "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile")
+    ap.add_argument("scenario", choices=("overhead", "e2e", "newsession"))
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--all-samples", action="store_true",
+                    help="count samples not holding the GIL too (default: --gil, CPU in Python only)")
+    ap.add_argument("--stickyproxy-ref", default="HEAD",
+                    help="git ref to profile (snapshot by git archive), or 'worktree'")
+    ap.add_argument("--function-lines", action="store_true", help="keep line numbers (default: per function)")
+    a = ap.parse_args()
+    if not a.all_samples:
+        GIL.append("--gil")
+    OUT.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = OUT / f"profile-{a.scenario}-{stamp}"
+    stack = Stack()
+    if a.stickyproxy_ref != "worktree":
+        print(f"stickyproxy at {stack.use_ref(a.stickyproxy_ref)}")
+    try:
+        if a.scenario in ("overhead", "newsession"):
+            nginx, (nport,) = stack.start_nginx(1)
+            proxy, port, _ = stack.start_stickyproxy([nport])
+            ids, _ = create_sessions("127.0.0.1", port, 1, 1)
+            time.sleep(0.5)
+            args = dict(connections=64, duration=a.seconds + 2, lua="")
+            url = f"http://127.0.0.1:{port}/session/{ids[0]}/title"
+            if a.scenario == "newsession":
+                url = f"http://127.0.0.1:{port}/session"
+                args["lua"] = ('wrk.method = "POST"\nwrk.body = \'{"desiredCapabilities":{}}\'\n'
+                               'wrk.headers["Content-Type"] = "application/json"\n')
+            load = threading.Thread(target=lambda: wrk_run(stack.tmp, url, **args), daemon=True)
+            load.start()
+            time.sleep(1)
+        else:
+            from . import e2e
+
+            page, page_port = stack.start_pageserver()
+            phantoms = stack.start_phantoms(4)
+            ports = [p for _, p in phantoms]
+            proxy, port, sport = stack.start_stickyproxy(ports)
+            e2e.wait_all_up(sport, 4)
+            spec = {"targets": [["127.0.0.1", port, "sp"]], "concurrency": 16, "warmup": 1,
+                    "duration": a.seconds + 2, "page_url": f"http://127.0.0.1:{page_port}/page.html"}
+            load = threading.Thread(target=lambda: subprocess.run(
+                [sys.executable, "-m", "benchmarks.workload", json.dumps(spec)], capture_output=True), daemon=True)
+            load.start()
+            time.sleep(2)
+        cpu0 = proxy.cpu()
+        t0 = time.monotonic()
+        svg = _pyspy(proxy.pid, a.seconds, base.with_suffix(".svg"), "flamegraph")
+        raw = _pyspy(proxy.pid, a.seconds, base.with_suffix(".collapsed"), "raw")
+        for p in (svg, raw):
+            p.wait(a.seconds + 60)
+        busy = (proxy.cpu() - cpu0) / (time.monotonic() - t0)
+        load.join(a.seconds + 60)
+        collapsed = base.with_suffix(".collapsed").read_text()
+        if not a.function_lines:
+            collapsed = re.sub(r":\d+\)", ")", collapsed)
+        text = f"scenario {a.scenario}, proxy busy {busy * 100:.0f}% of one core\n" + summarize(collapsed)
+        base.with_suffix(".txt").write_text(text)
+        print(text)
+        print(f"wrote {base}.svg / .txt / .collapsed")
+    finally:
+        stack.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

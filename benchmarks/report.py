@@ -1,0 +1,238 @@
+"""Markdown from one run's result dict (pure: no I/O): the three tables, ratios against HAProxy's
+best variant and against no proxy, and the issue's targets marked "met" or "missed by X".
+"""
+
+from __future__ import annotations
+
+HAPROXY_VARIANTS = ("haproxy-close", "haproxy-recipe")
+SP = "stickyproxy"
+
+
+def _f(x, nd=1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _ratio(a, b) -> float | None:
+    return None if not a or not b else a / b
+
+
+def _rx(r) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _cells(results: dict) -> dict[tuple[str, int], dict]:
+    return {(c["contender"], c["concurrency"]): c for c in results.get("e2e", []) if "contender" in c}
+
+
+def best_haproxy(cells: dict, conc: int) -> tuple[str | None, dict | None]:
+    best = None
+    for v in HAPROXY_VARIANTS:
+        c = cells.get((v, conc))
+        if c and "error" not in c and (best is None or c["sessions_per_s"] > best[1]["sessions_per_s"]):
+            best = (v, c)
+    return best or (None, None)
+
+
+def targets(results: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) rows."""
+    out = []
+    cells = _cells(results)
+
+    def verdict(ok: bool, miss: str) -> str:
+        return "met" if ok else f"missed by {miss}"
+
+    for conc in (8, 16):
+        sp = cells.get((SP, conc))
+        hname, h = best_haproxy(cells, conc)
+        d = cells.get(("direct", conc))
+        if not sp or "error" in sp:
+            if sp:
+                out.append((f"C={conc}: stickyproxy runs", sp["error"], "missed"))
+            continue
+        if h:
+            r = _ratio(sp["sessions_per_s"], h["sessions_per_s"])
+            out.append((f"C={conc}: sessions/s >= 1.0x HAProxy best ({hname})", f"{r:.3f}x" if r else "-",
+                        verdict(r is not None and r >= 1.0, f"{(1 - (r or 0)) * 100:.1f}%")))
+            cp, ch = sp["cpu_ms_per_session"].get("proxy"), h["cpu_ms_per_session"].get("proxy")
+            r2 = _ratio(cp, ch)
+            out.append((f"C={conc}: proxy CPU/session <= 2x HAProxy's",
+                        f"{_f(cp, 2)} ms vs {_f(ch, 2)} ms ({_rx(r2)})",
+                        verdict(r2 is not None and r2 <= 2.0, f"{_f(cp - 2 * ch, 2)} ms ({_rx(r2)} vs 2x)" if r2 else "?")))
+        if d and "error" not in d:
+            r = _ratio(sp["sessions_per_s"], d["sessions_per_s"])
+            out.append((f"C={conc}: sessions/s >= 0.95x no proxy", _rx(r),
+                        verdict(r is not None and r >= 0.95, f"{(0.95 - (r or 0)) * 100:.1f} points")))
+        out.append((f"C={conc}: zero failures", str(sp["failed"]),
+                    verdict(sp["failed"] == 0 and not sp.get("hung_workers"), f"{sp['failed']} failed")))
+        s = sp.get("spread")
+        out.append((f"C={conc}: spread peak/mean live sessions <= 1.1",
+                    f"{_f(s, 2)} (peaks {_peaks(sp)}; worst/fair {_f(sp.get('worst_vs_fair'), 2)})", verdict(s is not None and s <= 1.1, f"{_f(s - 1.1 if s else None, 2)}")))
+    fails = [c for (n, _), c in cells.items() if n.startswith(SP) and "error" not in c and c["failed"]]
+    if fails:
+        out.append(("all stickyproxy cells: zero failures", ", ".join(f"{c['contender']} C={c['concurrency']}: {c['failed']}" for c in fails), "missed"))
+
+    oh = results.get("overhead") or {}
+    sp, h = oh.get(SP, {}), oh.get("haproxy", {})
+    if "c64" in sp and "c64" in h:
+        r = _ratio(sp["c64"]["rps"], h["c64"]["rps"])
+        rc = _ratio(sp["c64"]["cpu_us_per_request"], h["c64"]["cpu_us_per_request"])
+        out.append(("overhead: req/s at 64 conns >= 0.5x HAProxy",
+                    f"{_rx(r)} (CPU per request {sp['c64']['cpu_us_per_request']} vs "
+                    f"{h['c64']['cpu_us_per_request']} us: {_rx(rc)} HAProxy's)",
+                    verdict(r >= 0.5, f"{(0.5 - r) / 0.5 * 100:.0f}% (needs {0.5 * h['c64']['rps']:.0f} req/s)")))
+    if sp.get("added_p50_us") is not None:
+        a = sp["added_p50_us"]
+        out.append(("overhead: added p50 latency at 1 conn <= 0.3 ms", f"{a / 1000:.3f} ms",
+                    verdict(a <= 300, f"{(a - 300) / 1000:.3f} ms")))
+
+    sc = results.get("scale") or {}
+    rows = [r for r in sc.get("sessions", []) if "error" not in r]
+    if rows:
+        big = rows[-1]
+        out.append((f"state: RSS <= 100 MiB with {big['sessions']:,} sessions", f"{big['rss_mib']} MiB",
+                    verdict(big["rss_mib"] <= 100, f"{big['rss_mib'] - 100:.1f} MiB")))
+        for label, series in (("sessions", rows), ("backends", [r for r in sc.get("backends", []) if "error" not in r])):
+            if len(series) >= 2:
+                first, last = series[0], series[-1]
+                worst = max(r["cpu_us_per_request"] for r in series)
+                growth = worst / first["cpu_us_per_request"] - 1
+                out.append((f"state: CPU/request flat within 10%, {label} {first[label]:,} -> {last[label]:,}",
+                            f"{first['cpu_us_per_request']} -> {last['cpu_us_per_request']} us "
+                            f"(worst +{growth * 100:.0f}%)", verdict(growth <= 0.10, f"{(growth - 0.10) * 100:.0f} points")))
+    return out
+
+
+def _peaks(c: dict) -> str:
+    p = c.get("live_peak") or {}
+    return ",".join(str(p.get(f"b{i}", 0)) for i in range(1, 5))
+
+
+def _totals(c: dict) -> str:
+    p = c.get("placed_total") or {}
+    return ",".join(str(p.get(f"b{i}", 0)) for i in range(1, 5))
+
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    L = [f"# Benchmark results ({m['started_utc'][:10]})", "",
+         f"- Date: {m['started_utc']} to {m.get('finished_utc', '?')} (UTC)",
+         f"- Machine: {m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, Python {m['python']}, "
+         f"HAProxy {m.get('haproxy', '?')}, nginx {m.get('nginx', '?')}, PhantomJS {m.get('phantomjs', '?')}",
+         f"- Command: `{m['command']}`; stickyproxy as committed at {m.get('stickyproxy_commit', '?')} "
+         f"(repo HEAD {m.get('commit', '?')})" + (f", extra args `{' '.join(m['sp_args'])}`" if m.get("sp_args") else ""),
+         "- Machine load per part (1-min load average before it; CPU cores busy during it, ours and "
+         "other processes'): " + "; ".join(
+             f"{k}: load {v['loadavg_before']}, others {v['others_cores']} cores (ours {v['ours_cores']})"
+             for k, v in m.get("load", {}).items()) + ". Other engineers share this 2-core machine: "
+         "compare ratios within this run, never absolute figures across runs.",
+         ""]
+    cells = _cells(results)
+    if cells:
+        concs = sorted({k[1] for k in cells})
+        names = [n for n in ("stickyproxy", "stickyproxy-cookie", "haproxy-close", "haproxy-recipe", "direct",
+                             "python-floor")
+                 if any(k[0] == n for k in cells)]
+        L += ["## 1. End to end: 4 PhantomJS 2.1.1, real JSON Wire sessions", "",
+              f"Session = new session, load a local page, title, find elements by CSS, execute `return 1+2`, "
+              f"quit. Each cell is {m.get('e2e_rounds', 1)} round(s) of {m.get('e2e_window_s')} s measured after "
+              f"{m.get('e2e_warmup_s')} s warm-up, the contenders' order alternating between rounds; PhantomJS "
+              "restarted before every round. `xHAProxy` is against the faster HAProxy variant at the "
+              "same concurrency; `xdirect` against no proxy. CPU is ms per completed session (psutil, whole window). "
+              "Live peaks and totals: the most live sessions each backend b1..b4 held at once, and the sessions "
+              "created on each (counted by the client from a response header naming the backend). Spread = "
+              "highest peak / mean of the peaks (the issue's measure); worst/fair = highest peak / (C/4), stricter. "
+              "`python-floor` is a reference, not a contender: `benchmarks/floor_proxy.py`, a ~150-line raw "
+              "uvloop/httptools forwarder with none of stickyproxy's features, the least Python can spend.", "",
+              "| C | contender | sessions/s (rounds) | xHAProxy | xdirect | failed | session p50/p99 ms | proxy CPU | PhantomJS CPU | client CPU | live peaks | spread | worst/fair | totals |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for conc in concs:
+            _, h = best_haproxy(cells, conc)
+            d = cells.get(("direct", conc))
+            for n in names:
+                c = cells.get((n, conc))
+                if c is None:
+                    continue
+                if "error" in c:
+                    L.append(f"| {conc} | {n} | error: {_one(c['error'])} ||||||||||||")
+                    continue
+                cpu = c["cpu_ms_per_session"]
+                sl = c["session_latency"]
+                rs = c.get("round_sessions_per_s") or []
+                rtxt = f" ({', '.join(f'{x:.0f}' for x in rs)})" if len(rs) > 1 else ""
+                L.append(f"| {conc} | {n} | {c['sessions_per_s']:.1f}{rtxt} | "
+                         f"{_rx(_ratio(c['sessions_per_s'], h and h['sessions_per_s']))} | "
+                         f"{_rx(_ratio(c['sessions_per_s'], d and 'error' not in d and d['sessions_per_s']))} | "
+                         f"{c['failed']}{' (' + ', '.join(f'{k}: {v}' for k, v in c['errors'].items()) + ')' if c['errors'] else ''} | "
+                         f"{_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {_f(cpu.get('proxy'), 2)} | "
+                         f"{_f(cpu.get('phantomjs'), 1)} | {_f(cpu.get('client'), 2)} | {_peaks(c)} | "
+                         f"{_f(c.get('spread'), 2) if conc >= 4 else '-'} | {_f(c.get('worst_vs_fair'), 2)} | {_totals(c)} |")
+        L += ["", "Per-command latency, p50 / p99 ms:", "",
+              "| C | contender | new session | url | title | elements | execute | quit |",
+              "|---|---|---|---|---|---|---|---|"]
+        for conc in concs:
+            for n in names:
+                c = cells.get((n, conc))
+                if c is None or "error" in c:
+                    continue
+                lat = c["latency"]
+                L.append(f"| {conc} | {n} | " + " | ".join(
+                    f"{_f(lat[k]['p50_ms'], 2)} / {_f(lat[k]['p99_ms'], 1)}"
+                    for k in ("new_session", "url", "title", "elements", "execute", "quit")) + " |")
+        L.append("")
+    oh = results.get("overhead")
+    if oh:
+        h64 = (oh.get("haproxy") or {}).get("c64", {}).get("rps")
+        hcpu = (oh.get("haproxy") or {}).get("c64", {}).get("cpu_us_per_request")
+        L += ["## 2. Proxy overhead in isolation (nginx, 1 worker, fixed WebDriver JSON)", "",
+              f"`GET /session/<id>/title` (a pinned session for stickyproxy), wrk {m.get('wrk_s')} s per point. "
+              "Added latency = p50 at 1 connection minus nginx direct. CPU is the proxy's (nginx's for direct) per request.", "",
+              "| target | 1 conn req/s | 1 conn p50 us | added p50 us | 64 conns req/s | x HAProxy | 64 conns p50 / p99 us | CPU us/request (64 conns) | CPU x HAProxy | RSS MiB | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for n in ("direct", "haproxy", SP, "python-floor"):
+            r = oh.get(n)
+            if not r:
+                continue
+            if "error" in r:
+                L.append(f"| {n} | error: {_one(r['error'])} ||||||||||")
+                continue
+            c1, c64 = r["c1"], r["c64"]
+            L.append(f"| {n} | {c1['rps']:.0f} | {c1['p50_us']} | {_f(r.get('added_p50_us'))} | {c64['rps']:.0f} | "
+                     f"{_rx(_ratio(c64['rps'], h64))} | {c64['p50_us']} / {c64['p99_us']} | {c64['cpu_us_per_request']} | "
+                     f"{_rx(_ratio(c64['cpu_us_per_request'], hcpu)) if n != 'direct' else '-'} | "
+                     f"{_f(r.get('rss_mib'))} | {c1['errors'] + c64['errors']} |")
+        L.append("")
+    sc = results.get("scale")
+    if sc:
+        L += ["## 3. Scale of the state (stickyproxy, nginx backends)", "",
+              f"wrk, 64 connections, {m.get('wrk_s')} s, walking up to 10,000 pinned session paths. "
+              "Sessions grow on one proxy with 4 backends; each backend count is a fresh proxy with "
+              f"{m.get('scale_backend_sessions', 1000):,} sessions (backends from a `--config` TOML file). "
+              "Creation rate is 64 concurrent `POST /session` through the proxy.", "",
+              "| sessions | backends | req/s | vs first | CPU us/request | vs first | p99 us | RSS MiB | creates/s | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for key in ("sessions", "backends"):
+            rows = sc.get(key, [])
+            first = next((r for r in rows if "error" not in r), None)
+            for r in rows:
+                if "error" in r:
+                    L.append(f"| {r.get('sessions', '-')} | {r.get('backends', '-')} | error: {_one(r['error'])} |||||||")
+                    continue
+                L.append(f"| {r['sessions']:,} | {r['backends']:,} | {r['rps']:.0f} | {_rx(_ratio(r['rps'], first['rps']))} | "
+                         f"{r['cpu_us_per_request']} | {_rx(_ratio(r['cpu_us_per_request'], first['cpu_us_per_request']))} | "
+                         f"{r['p99_us']} | {r['rss_mib']} | {_f(r.get('creates_per_s'), 0)} | {r['errors'] + r.get('create_errors', 0)} |")
+        L.append("")
+    t = targets(results)
+    if t:
+        L += ["## Targets (issue 3)", "", "| target | measured | verdict |", "|---|---|---|"]
+        L += [f"| {a} | {b} | {c} |" for a, b, c in t]
+        L.append("")
+    return "\n".join(L)
+
+
+def _one(err: str) -> str:
+    """An error on one table line."""
+    return err.replace("|", "/").replace("\n", " ")[:160]

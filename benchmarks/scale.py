@@ -1,0 +1,109 @@
+"""Part 3: scale of the state. Per-request routing cost and proxy RSS as pinned sessions grow
+(10 -> 1,000 -> 100,000, 4 backends) and as backends grow (4 -> 100 -> 1,000, 1,000 sessions),
+against one nginx worker that answers a unique session id per POST /session ($request_id) and
+listens on up to 1,000 ports. Sessions are added incrementally to one proxy; each backend count
+gets a fresh proxy (backends come from a TOML --config file). wrk at 64 connections walks a sample
+of up to 10,000 pinned session paths, so every point pays the same Lua cost; each point is the
+best of two wrk runs (least CPU per request), which damps the noise of a shared machine.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from .loadgen import create_sessions, wrk_run
+from .e2e import wait_all_up
+from .procs import Stack, fetch_json
+
+SAMPLE = 10_000
+
+
+def _measure(stack: Stack, proxy, port: int, ids: list[str], duration: float, repeat: int = 2) -> dict:
+    """Best of `repeat` wrk runs (the least disturbed by other work on the machine)."""
+    rnd = random.Random(len(ids))
+    sample = ids if len(ids) <= SAMPLE else rnd.sample(ids, SAMPLE)
+    paths = [f"/session/{s}/title" for s in sample]
+    wrk_run(stack.tmp, f"http://127.0.0.1:{port}/", connections=16, duration=1, paths=paths[:1000])
+    runs = []
+    for _ in range(repeat):
+        cpu0 = proxy.cpu()
+        r = wrk_run(stack.tmp, f"http://127.0.0.1:{port}/", connections=64, duration=duration, paths=paths)
+        cpu1 = proxy.cpu()
+        r["cpu_us_per_request"] = round((cpu1 - cpu0) * 1e6 / max(1, r["requests"]), 2)
+        runs.append(r)
+    best = min(runs, key=lambda r: r["cpu_us_per_request"])
+    return {"rps": max(r["rps"] for r in runs), "p50_us": best["p50_us"], "p99_us": best["p99_us"],
+            "errors": sum(r["errors"] for r in runs), "cpu_us_per_request": best["cpu_us_per_request"],
+            "runs": [{"rps": r["rps"], "cpu_us_per_request": r["cpu_us_per_request"]} for r in runs],
+            "rss_mib": round(proxy.rss() / 2**20, 1)}
+
+
+def _grow(port: int, ids: list[str], target: int) -> dict:
+    t0 = time.monotonic()
+    need = target - len(ids)
+    new, errs = create_sessions("127.0.0.1", port, need, concurrency=64) if need > 0 else ([], [])
+    ids.extend(new)
+    dt = time.monotonic() - t0
+    return {"created": len(new), "create_errors": len(errs), "create_s": round(dt, 2),
+            "creates_per_s": round(len(new) / dt, 1) if dt and new else None,
+            "first_errors": sorted(set(errs))[:3]}
+
+
+def run(stack: Stack, *, duration: float, session_points=(10, 1_000, 100_000),
+        backend_points=(4, 100, 1_000), backend_sessions: int = 1_000, sp_extra=None, log=print) -> dict:
+    # shutdown only: with 100,000 live sessions a SIGTERM drain would otherwise wait its 60 s
+    sp_extra = list(sp_extra or []) + ["--drain-timeout", "1s"]
+    nginx, nports = stack.start_nginx(max(backend_points))
+    out = {"sessions": [], "backends": []}
+    try:
+        # sessions grow, 4 backends, one proxy
+        proxy = None
+        try:
+            proxy, port, sport = stack.start_stickyproxy(nports[:4], sp_extra or [])
+            wait_all_up(sport, 4)
+            ids: list[str] = []
+            for target in session_points:
+                g = _grow(port, ids, target)
+                st = fetch_json(sport, "/stats")
+                row = {"sessions": target, "backends": 4, **g, **_measure(stack, proxy, port, ids, duration),
+                       "stats_sessions_active": st.get("sessions_active")}
+                out["sessions"].append(row)
+                log(f"[scale] sessions={target}: {row['rps']} req/s, {row['cpu_us_per_request']} us CPU/req, "
+                    f"RSS {row['rss_mib']} MiB, created {g['created']} at {g['creates_per_s']}/s "
+                    f"({g['create_errors']} errors), proxy says active={row['stats_sessions_active']}")
+        except Exception as e:
+            out["sessions"].append({"error": f"{type(e).__name__}: {e}"})
+            log(f"[scale] sessions: ERROR {e}")
+        finally:
+            if proxy is not None:
+                stack.stop(proxy, timeout=60)
+        # backends grow, fixed sessions, a fresh proxy each
+        for nb in backend_points:
+            proxy = None
+            try:
+                proxy, port, sport = stack.start_stickyproxy(nports[:nb], sp_extra or [], config_file=True)
+                t_up = time.monotonic()
+                wait_all_up(sport, nb, timeout=60)
+                t_up = round(time.monotonic() - t_up, 2)
+                rss_idle = round(proxy.rss() / 2**20, 1)
+                ids = []
+                g = _grow(port, ids, backend_sessions)
+                st = fetch_json(sport, "/stats")
+                used = sum(1 for b in st.get("backends", []) if int(b.get("sessions_active", 0)) > 0)
+                row = {"sessions": backend_sessions, "backends": nb, **g, "rss_idle_mib": rss_idle,
+                       "all_up_s": t_up,
+                       **_measure(stack, proxy, port, ids, duration), "backends_with_sessions": used,
+                       "stats_backends": len(st.get("backends", []))}
+                out["backends"].append(row)
+                log(f"[scale] backends={nb}: {row['rps']} req/s, {row['cpu_us_per_request']} us CPU/req, "
+                    f"RSS {row['rss_mib']} MiB, sessions spread on {used}/{nb}")
+            except Exception as e:
+                out["backends"].append({"backends": nb, "error": f"{type(e).__name__}: {e}"})
+                log(f"[scale] backends={nb}: ERROR {e}")
+            finally:
+                if proxy is not None:
+                    stack.stop(proxy, timeout=60)
+    finally:
+        stack.stop(nginx)
+    return out
