@@ -51,7 +51,10 @@ def test_sessions_pinned_and_an_oom_ends_only_its_session(stickyproxy, docker_en
     results = selenium3_client("sessions3.py", proxy=proxy.url, page=pages + "/index.html",
                                sessions=8, concurrency=4).finish()["results"]
     assert all(r["ok"] for r in results), results
-    assert sorted(b["sessions_total"] for b in proxy.stats()["backends"]) == [4, 4]
+    rows = proxy.stats()["backends"]
+    # Level while live (4 at a time over 2): totals may differ, as sessions end at their own pace.
+    assert [b["sessions_peak"] for b in rows] == [2, 2]
+    assert sum(b["sessions_total"] for b in rows) == 8
 
     # One session on each container; the first container is pushed past its cap.
     sessions = {}

@@ -44,7 +44,8 @@ def test_local_pool_serves_restarts_and_stops(stickyproxy, pages, selenium3_clie
     results = selenium3_client("sessions3.py", proxy=proxy.url, page=pages + "/index.html",
                                sessions=4, concurrency=4).finish()["results"]
     assert all(r["ok"] for r in results), results
-    assert sorted(b["sessions_total"] for b in proxy.stats()["backends"]) == [2, 2]
+    rows = proxy.stats()["backends"]
+    assert sum(b["sessions_total"] for b in rows) == 4 and max(b["sessions_peak"] for b in rows) <= 2
 
     # A process that dies is noticed at once, its session ends with the reason, it restarts.
     sid, backend_id = new_session(proxy)
