@@ -261,6 +261,20 @@ def wait_up(proxy: Proxy, count: int, timeout: float = 30) -> None:
              what=f"{count} backends up")
 
 
+# --- Docker ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def pool(docker_client):
+    """A fresh Docker pool name; whatever container carries it is removed afterwards."""
+    import uuid
+
+    from stickyproxy.providers.docker import LABEL_POOL
+    name = f"t{uuid.uuid4().hex[:8]}"
+    yield name
+    for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={name}"}):
+        c.remove(force=True)
+
+
 # --- Selenium 3 --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

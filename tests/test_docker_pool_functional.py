@@ -9,7 +9,6 @@ and the container comes back and takes new sessions. A restarted stickyproxy ado
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 
@@ -22,14 +21,6 @@ MEM_CAP = "160m"
 HOG = ("window.hog = []; for (var i = 0; i < 600; i++) {"
        " window.hog.push(new Array(1 << 20).join(String.fromCharCode(65 + i % 26))); }"
        " return window.hog.length;")
-
-
-@pytest.fixture
-def pool(docker_client):
-    name = f"t{uuid.uuid4().hex[:8]}"
-    yield name
-    for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={name}"}):
-        c.remove(force=True)
 
 
 def docker_proxy(stickyproxy, engine, image, pool, *extra):

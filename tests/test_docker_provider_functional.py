@@ -12,7 +12,6 @@ import asyncio
 import io
 import logging
 import time
-import uuid
 
 import aiohttp
 import docker.api.client
@@ -175,15 +174,6 @@ async def new_session(session: aiohttp.ClientSession, url: str) -> str:
         body = await r.json(content_type=None)
     assert r.status == 200, body
     return body["sessionId"]
-
-
-@pytest.fixture
-def pool(docker_client):
-    """A fresh pool name; whatever container carries it is removed afterwards."""
-    name = f"t{uuid.uuid4().hex[:8]}"
-    yield name
-    for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={name}"}):
-        c.remove(force=True)
 
 
 def provider(image, pool, docker_engine, count=2, **kw) -> DockerProvider:

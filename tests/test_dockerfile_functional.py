@@ -5,24 +5,19 @@ as non-root, passes its own HEALTHCHECK and serves WebDriver sessions from insid
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 
 import pytest
 
 from dockerengine import TEST_LABEL, build_stickyproxy_image, wait_for
+from conftest import http_json
 from stickyproxy.providers.docker import free_port
 
 pytestmark = pytest.mark.functional
 
 
 def call(method: str, url: str, body=None, timeout: float = 30.0):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.status, json.loads(resp.read() or b"null")
+    return http_json(url, method, body, timeout=timeout)[:2]
 
 
 @pytest.fixture(scope="module")

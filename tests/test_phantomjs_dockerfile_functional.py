@@ -7,24 +7,19 @@ must answer WebDriver /status and run a session as a non-root user, with its PID
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 
 import pytest
 
 from dockerengine import TEST_LABEL, build_phantomjs_dockerfile_image, wait_for
+from conftest import http_json
 from stickyproxy.providers.docker import free_port
 
 pytestmark = pytest.mark.functional
 
 
 def call(method: str, url: str, body=None, timeout: float = 30.0):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.status, json.loads(resp.read() or b"null")
+    return http_json(url, method, body, timeout=timeout)[:2]
 
 
 def test_phantomjs_dockerfile_builds_and_serves_webdriver(docker_client, debian_image):
