@@ -171,17 +171,21 @@ async def _session_command(request: web.BaseRequest, sid: str, kind: Kind,
     if session.rewritten:  # the backend knows its session by its own id, in paths and bodies
         target = target.replace(sid, session.backend_sid, 1)
         body, length = _rewrite(body, length, sid.encode(), session.backend_sid.encode())
+    timing = request[TIMING]
+    began = time.perf_counter()  # inline, not timing.on_backend: one coroutine less per command
     try:
-        answer = await request[TIMING].on_backend(backend.upstream.request(
+        answer = await backend.upstream.request(
             request.method, target, request.raw_headers, body,
-            length=length, timeout=request[APP][TIMEOUT]))
+            length=length, timeout=request[APP][TIMEOUT])
     except (NotConnected, UpstreamError, TimeoutError) as exc:
+        timing.backend += time.perf_counter() - began
         backend.errors_total += 1
         why = str(exc) or f"no answer within {request[APP][TIMEOUT]:g}s"
         log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', sid, backend.id, why)
         if kind is Kind.DELETE_SESSION:
             sessions.end(sid, EndReason.CLIENT_DELETE, f"delete not confirmed: {why}")
         raise WebDriverError.backend_unavailable(sid, backend.id, why) from None
+    timing.backend += time.perf_counter() - began
     if kind is Kind.DELETE_SESSION:
         # Forwarded and answered: whatever the backend said, the client is done with it.
         sessions.end(sid, EndReason.CLIENT_DELETE)
@@ -231,7 +235,9 @@ async def _relay(request: web.BaseRequest, answer: Response, backend: Backend,
         headers.append((BACKEND_HEADER, backend.id))
         length = answer.header(b"content-length")
         if length is not None and int(length) <= _BUFFER_LIMIT:
-            body = await request[TIMING].on_backend(answer.read())
+            began = time.perf_counter()
+            body = await answer.read()
+            request[TIMING].backend += time.perf_counter() - began
             if backend_sid:
                 body = body.replace(backend_sid.encode(), sid.encode())
             return web.Response(status=answer.status, body=body, headers=headers)

@@ -42,9 +42,12 @@ class UpstreamError(ConnectionError):
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "parser", "status", "headers", "keep_alive", "_head", "_chunks",
-                 "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock", "_paused", "lost")
+                 "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock", "_paused", "lost",
+                 "_loop")
 
     def __init__(self) -> None:
+        # Kept once: on 3.11 every get_running_loop() costs a getpid() syscall.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self._quickack = False
@@ -148,7 +151,7 @@ class _Connection(asyncio.Protocol):
     # the client side
     async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None,
                    chunked: bool = False) -> None:
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self._loop.create_future()
         if body is None or isinstance(body, (bytes, bytearray)):
             self.transport.write(head + body if body else head)
             return
@@ -180,7 +183,7 @@ class _Connection(asyncio.Protocol):
                 return b""
             if self._exc is not None:
                 raise self._exc
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             await self._waiter
             self._waiter = None
 
