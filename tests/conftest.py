@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from dockerengine import wait_for as poll
 from dockerengine import (  # noqa: F401  (session fixtures: one engine, shared by every test)
     debian_image,
     docker_client,
@@ -41,15 +42,12 @@ CLIENTS = Path(__file__).resolve().parent / "clients"
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
-    """Poll `condition` until it returns something truthy; fail the test after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+    """Poll `condition` until it returns something truthy; fail the test after `timeout`
+    (the one polling loop is dockerengine's, which works outside pytest too)."""
+    try:
+        return poll(condition, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def http_json(url: str, method: str = "GET", body=None, headers=None, timeout: float = 30.0):
