@@ -168,6 +168,16 @@ def driver(endpoint: str) -> Iterator[webdriver.Remote]:
         drv.quit()
 
 
+def _settled(driver: webdriver.Remote, navigate) -> None:
+    """Navigate, then wait for the new document as a PhantomJS user must: GhostDriver may
+    answer a get or refresh before the new page has replaced the old one (seen in CI)."""
+    driver.execute_script("window.__replaced = false;")
+    navigate()
+    wait_for(lambda: driver.execute_script(
+        "return window.__replaced !== false && document.readyState === 'complete';"),
+        10, what="the new document after navigating")
+
+
 @pytest.fixture
 def browser(driver, site) -> webdriver.Remote:
     """The shared session, reset to a known state: top frame, one window, no cookies."""
@@ -179,7 +189,7 @@ def browser(driver, site) -> webdriver.Remote:
     driver.switch_to.default_content()
     driver.set_window_size(1024, 768)
     driver.timeouts = Timeouts(implicit_wait=0, page_load=30, script=5)
-    driver.get(site + "/index.html")
+    _settled(driver, lambda: driver.get(site + "/index.html"))
     driver.delete_all_cookies()
     return driver
 
@@ -254,7 +264,7 @@ def test_scrape_products_with_css_xpath_and_link_text(browser, site) -> None:
     assert browser.title == "Bridge test shop"
     browser.forward()
     assert browser.title == "Product c"
-    browser.refresh()
+    _settled(browser, browser.refresh)
     browser.find_element(By.LINK_TEXT, "back").click()
     assert browser.find_element(By.ID, "heading").is_displayed()
 
@@ -416,45 +426,42 @@ def test_alerts_never_block(browser) -> None:
         browser.switch_to.alert.accept()
 
 
+def _reload_pointer_page(browser) -> tuple:
+    _settled(browser, browser.refresh)
+    return tuple(browser.find_element(By.ID, i) for i in ("hover-target", "pointer-log"))
+
+
 def test_simple_actions_map_to_moveto_and_click(browser) -> None:
     target = browser.find_element(By.ID, "hover-target")
     log = browser.find_element(By.ID, "pointer-log")
     ActionChains(browser).move_to_element(target).click().perform()
     assert log.text == "clicked"
-    browser.refresh()
-    target, log = (browser.find_element(By.ID, i) for i in ("hover-target", "pointer-log"))
+    target, log = _reload_pointer_page(browser)
     ActionChains(browser).click_and_hold(target).perform()
     assert log.text == "pressed"
     ActionChains(browser).release().perform()
     assert log.text == "clicked"
-    browser.refresh()
-    target, log = (browser.find_element(By.ID, i) for i in ("hover-target", "pointer-log"))
+    target, log = _reload_pointer_page(browser)
     chain = ActionChains(browser).click_and_hold(target)
     chain.perform()
     assert log.text == "pressed"
     chain.reset_actions()  # DELETE /actions lets go of the held button
     assert log.text == "clicked"
-    browser.refresh()
-    log = browser.find_element(By.ID, "pointer-log")
+    _, log = _reload_pointer_page(browser)
     rect = browser.find_element(By.ID, "hover-target").rect
     builder = ActionBuilder(browser)
     builder.pointer_action.move_to_location(rect["x"] + 5, rect["y"] + 5).click()
     builder.perform()
     assert log.text == "clicked"
-    browser.refresh()
-    target, log = (browser.find_element(By.ID, i) for i in ("hover-target", "pointer-log"))
+    target, log = _reload_pointer_page(browser)
     ActionChains(browser).click(target).perform()
     assert log.text == "clicked"
-    browser.refresh()
-    log = browser.find_element(By.ID, "pointer-log")
-    browser.refresh()
-    target, log = (browser.find_element(By.ID, i) for i in ("hover-target", "pointer-log"))
+    target, log = _reload_pointer_page(browser)
     ActionChains(browser).move_to_element_with_offset(target, -70, 0).click().perform()  # from centre
     assert log.text == "clicked"
     ActionChains(browser).move_to_element_with_offset(target, 0, 40).click().perform()  # below it
     assert log.text == "clicked"
-    browser.refresh()
-    log = browser.find_element(By.ID, "pointer-log")
+    _, log = _reload_pointer_page(browser)
     ActionChains(browser).move_to_element_with_offset(
         browser.find_element(By.ID, "hover-target"), 0, 40).click().perform()
     assert log.text == "idle"
