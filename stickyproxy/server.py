@@ -54,6 +54,7 @@ class Server:
         self._reconciles: set[asyncio.Task] = set()
         self._provider_tasks: list[asyncio.Task] = []
         self._runners: list[web.AppRunner] = []
+        self._port: proxy.Port | None = None
         self.started = time.time()
         self.addresses: dict[str, tuple[str, int]] = {}
         self.metrics = Metrics(self.snapshot)  # /metrics renders the same snapshot as /stats
@@ -195,25 +196,19 @@ class Server:
         self.guard = Guard(Authenticator(s.auth_token, load_users(s.auth_users)),
                            RateLimiter(*parse_rate(s.new_session_rate)), s.max_body,
                            s.max_connections)
-        apps = {
-            "listen": (proxy.make_app(self.pool, self.sessions, self.queue, self.lifecycle, self,
-                                      self.guard, s.backend_timeout, s.queue_timeout,
-                                      s.session_key.encode(),
-                                      metrics=self.metrics, access_log=s.access_log), s.listen),
-            "stats": (stats.make_app(self.snapshot, self, self.metrics), s.stats_listen),
-        }
-        for name, (app, (host, port)) in apps.items():
-            if name == "listen":
-                runner = web.ServerRunner(proxy.make_server(
-                    app, keepalive_timeout=s.client_idle_timeout,
-                    max_header_size=s.max_header_size), handle_signals=False)
-            else:
-                runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await runner.setup()
-            site = web.TCPSite(runner, host, port, reuse_address=True)
-            await site.start()
-            self._runners.append(runner)
-            self.addresses[name] = runner.addresses[0][:2]
+        app = proxy.App(self.pool, self.sessions, self.queue, self.lifecycle, self, self.guard,
+                        s.backend_timeout, s.queue_timeout, s.session_key.encode(),
+                        self.metrics, s.access_log)
+        self._port = proxy.make_port(app, idle_timeout=s.client_idle_timeout,
+                                     max_header_size=s.max_header_size)
+        self.addresses["listen"] = await self._port.start(*s.listen)
+        runner = web.AppRunner(stats.make_app(self.snapshot, self, self.metrics), access_log=None,
+                               handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, *s.stats_listen, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        self.addresses["stats"] = runner.addresses[0][:2]
         for provider in self.providers:
             task = asyncio.get_running_loop().create_task(provider.run(self.pool),
                                                           name=f"provider-{provider.source}")
@@ -234,6 +229,8 @@ class Server:
 
     async def stop(self) -> None:
         # Stop accepting first, so no new session lands on a backend we are about to stop.
+        if self._port is not None:
+            await self._port.close()
         for runner in self._runners:
             await runner.cleanup()
         tasks = self._provider_tasks + list(self._checks.values()) + list(self._reconciles)

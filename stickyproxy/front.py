@@ -1,0 +1,484 @@
+"""The WebDriver port's HTTP/1.1 server: one asyncio Protocol per client connection, parsed by
+httptools, each answer written as one buffer.
+
+Why not aiohttp's server here (it still serves the stats port): against a fast backend, its
+request and response machinery was about a third of stickyproxy's CPU per command
+(benchmarks/profile.py), and on two shared cores every microsecond is taken from the browsers.
+This module knows HTTP, not WebDriver: it hands each request to one handler coroutine, which
+answers with `Request.send`. What it guarantees to that handler:
+
+- requests of a connection are served one at a time, in order (pipelined ones wait their turn);
+- a body arrives whole (`read`) or as a stream with backpressure (`chunks`);
+- a client that disconnects cancels its handler (a queued new session leaves the queue at once);
+- bytes that are not HTTP, or a request line or header over `max_header_size`, are answered by
+  `on_bad_request`'s error and the connection is closed;
+- idle keep-alive connections close after `idle_timeout`; connections over `max_connections`
+  get `on_too_many`'s answer before anything is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import socket
+from collections import deque
+from typing import AsyncIterator, Awaitable, Callable, Iterable
+
+import httptools
+
+log = logging.getLogger("stickyproxy")
+
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_HIGH_WATER = 1 << 20  # buffered body bytes before the client is told to wait (pause_reading)
+_MAX_PIPELINED = 16  # parsed requests waiting behind the one being served
+Header = tuple[bytes, bytes]
+
+
+class BadRequest(Exception):
+    """The bytes on the connection are not a request we will parse."""
+
+
+class BodyTooLarge(Exception):
+    """A body without a declared length grew past the limit while it arrived."""
+
+
+class Body:
+    """A request body as it arrives from the connection."""
+
+    __slots__ = ("_parts", "_size", "_buffered", "done", "_waiter", "_error", "_conn", "_limit")
+
+    def __init__(self, conn: "Connection", limit: int) -> None:
+        self._parts: list[bytes] = []
+        self._size = self._buffered = 0
+        self.done = False
+        self._waiter: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self._conn, self._limit = conn, limit
+
+    def feed(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            self._error = BodyTooLarge()
+            self._parts.clear()
+        elif self._error is None:
+            self._parts.append(data)
+            self._buffered += len(data)
+            if self._buffered > _HIGH_WATER:
+                self._conn.pause_reading()
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def read(self) -> bytes:
+        """The whole body (raises BodyTooLarge past the limit, ConnectionError if the client
+        left before sending it all)."""
+        self._conn.resume_reading()
+        while not self.done and self._error is None:
+            await self._wait()
+        if self._error is not None:
+            raise self._error
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts, self._buffered = [], 0
+        return data
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, reading paused while a megabyte waits unread."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._parts:
+                data, self._parts, self._buffered = b"".join(self._parts), [], 0
+                self._conn.resume_reading()
+                yield data
+            elif self.done:
+                return
+            else:
+                await self._wait()
+
+
+class Request:
+    """One parsed request: what the handler reads, and `send` to answer it."""
+
+    __slots__ = ("method", "target", "raw_headers", "content_length", "chunked", "keep_alive",
+                 "body", "remote", "app", "sent", "timing", "principal", "_conn", "_headers",
+                 "_http10")
+
+    def __init__(self, conn: "Connection", method: str, target: str, raw_headers: list[Header],
+                 content_length: int | None, chunked: bool, keep_alive: bool, http10: bool,
+                 body: Body | None) -> None:
+        self._conn = conn
+        self.method, self.target, self.raw_headers = method, target, raw_headers
+        self.content_length, self.chunked = content_length, chunked
+        self.keep_alive, self._http10, self.body = keep_alive, http10, body
+        self.remote = conn.remote
+        self.app = conn.port.app  # the handler's shared state
+        self.sent = False
+        self.timing = None  # the handler's clock (metrics.Timing)
+        self.principal = ""  # who sent it, when auth is on
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Header values by lower-case name (repeated ones joined as HTTP allows)."""
+        if self._headers is None:
+            found: dict[str, str] = {}
+            for name, value in self.raw_headers:
+                key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+                found[key] = f"{found[key]}{'; ' if key == 'cookie' else ', '}{text}" \
+                    if key in found else text
+            self._headers = found
+        return self._headers
+
+    @property
+    def body_exists(self) -> bool:
+        return self.body is not None
+
+    async def read(self) -> bytes:
+        return await self.body.read() if self.body is not None else b""
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.body.chunks()
+
+    def abort(self) -> None:
+        """End the connection now: an answer already under way cannot be finished."""
+        self._conn.write(b"", True)
+
+    async def send(self, status: int, headers: Iterable[Header], body: bytes = b"", *,
+                   close: bool = False) -> None:
+        """Answer with a whole body: status line, headers and body in one write."""
+        self.sent = True
+        close = close or not self.keep_alive
+        head = self._conn.head(status, headers, close)
+        head += b"Content-Length: %d\r\n\r\n" % len(body)
+        self._conn.write(head + body if self.method != "HEAD" else head, close)
+
+    async def stream(self, status: int, headers: Iterable[Header], chunks: AsyncIterator[bytes],
+                     length: int | None = None) -> None:
+        """Answer with a body written as `chunks` yields it, at the client's pace. Without a
+        `length` it is sent chunked (or close-delimited to an HTTP/1.0 client)."""
+        self.sent = True
+        close = not self.keep_alive or (length is None and self._http10)
+        head = self._conn.head(status, headers, close)
+        framed = length is None and not self._http10
+        if length is not None:
+            head += b"Content-Length: %d\r\n" % length
+        elif framed:
+            head += b"Transfer-Encoding: chunked\r\n"
+        conn = self._conn
+        conn.write(bytes(head + b"\r\n"), False)
+        async for chunk in chunks:
+            if chunk:
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if framed else chunk, False)
+                await conn.drain()
+        conn.write(b"0\r\n\r\n" if framed else b"", close)
+
+
+Handler = Callable[[Request], Awaitable[None]]
+
+
+class Port:
+    """The listening side: the protocol factory for `loop.create_server`, and the live
+    connections (for --max-connections and for closing at shutdown)."""
+
+    def __init__(self, handler: Handler, *, app: object = None, idle_timeout: float,
+                 max_header_size: int,
+                 max_body: int, max_connections: int = 0,
+                 on_bad_request: Callable[[str | None, str | None], tuple[int, list[Header], bytes]],
+                 on_too_many: Callable[[str | None], tuple[int, list[Header], bytes]]) -> None:
+        self.handler, self.app = handler, app
+        self.idle_timeout, self.max_header_size = idle_timeout, max_header_size
+        self.max_body, self.max_connections = max_body, max_connections
+        # on_bad_request(why, client): the answer to bytes we will not parse (`why`), or to a
+        # handler that failed (None); on_too_many(client): to a connection over the limit.
+        self.on_bad_request, self.on_too_many = on_bad_request, on_too_many
+        self.connections: set[Connection] = set()
+        self.server: asyncio.base_events.Server | None = None
+
+    def __call__(self) -> "Connection":
+        return Connection(self)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self, host, port, reuse_address=True, backlog=1024)
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting; close idle connections now and busy ones when their answer is out
+        (or after `grace` seconds)."""
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, port: Port) -> None:
+        self.port = port
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.waiting: deque[Request] = deque()  # parsed, behind the one being served
+        self.task: asyncio.Task | None = None
+        self.closing = False  # no request after the current one
+        self.broken: str | None = None  # a parse error to answer once the current one is out
+        self.paused = False
+        self._drain: asyncio.Future | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self.last_active = 0.0
+        # the request being parsed
+        self._url = b""
+        self._headers: list[Header] = []
+        self._length: int | None = None
+        self._chunked = False
+        self._expect = False
+        self._parsing: Request | None = None
+
+    # --- connection ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Answers go out in one write; Nagle would hold the next one for the client's ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        port = self.port
+        port.connections.add(self)
+        if port.max_connections and len(port.connections) > port.max_connections:
+            status, headers, body = port.on_too_many(self.remote)
+            self.closing = True
+            self.write(self.head(status, headers, True)
+                       + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), True)
+            return
+        self.last_active = self.loop.time()
+        self._idle = self.loop.call_later(port.idle_timeout, self._check_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.port.connections.discard(self)
+        self.closing = True
+        if self._idle is not None:
+            self._idle.cancel()
+        gone = ConnectionResetError("the client closed the connection")
+        if self._parsing is not None and self._parsing.body is not None:
+            self._parsing.body.fail(gone)
+        for request in self.waiting:
+            if request.body is not None:
+                request.body.fail(gone)
+        self.waiting.clear()
+        if self.task is not None:
+            self.task.cancel()  # the client left: its handler stops (and leaves any queue)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(gone)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.loop.time()
+        if self.broken is not None or self.closing:
+            return  # after an error or Connection: close, the rest is not read
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.closing = True  # CONNECT (or an upgrade): answered, then the connection ends
+        except (httptools.HttpParserError, BadRequest) as exc:
+            self._bad(str(exc) or type(exc).__name__)
+
+    def eof_received(self) -> bool | None:
+        # A WebDriver client that closes its side has left (none half-closes to await an
+        # answer): closing the transport cancels whatever it was waiting for, queue included.
+        self.closing = True
+        return None
+
+    def pause_writing(self) -> None:
+        self._drain = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    async def drain(self) -> None:
+        if self._drain is not None:
+            await self._drain
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.transport.is_closing():
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close_when_idle(self) -> None:
+        self.closing = True
+        if self.task is None and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _check_idle(self) -> None:
+        # One timer per connection, re-armed lazily: cheaper than resetting it per request.
+        idle = self.loop.time() - self.last_active
+        if self.task is None and not self.waiting and idle >= self.port.idle_timeout:
+            self._idle = None
+            self.transport.close()
+        else:
+            self._idle = self.loop.call_later(max(0.1, self.port.idle_timeout - idle),
+                                              self._check_idle)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def head(status: int, headers: Iterable[Header], close: bool) -> bytearray:
+        head = bytearray(b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown")))
+        for name, value in headers:
+            head += name
+            head += b": "
+            head += value
+            head += b"\r\n"
+        if close:
+            head += b"Connection: close\r\n"
+        return head
+
+    def write(self, data: bytes | bytearray, close: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if data:
+            transport.write(data)
+        if close:
+            self.closing = True
+            transport.close()
+
+    # --- parsing (httptools callbacks) ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url, self._headers = b"", []
+        self._length, self._chunked, self._expect = None, False, False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.port.max_header_size:
+            raise BadRequest(f"request target longer than {self.port.max_header_size} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > self.port.max_header_size:
+            raise BadRequest(f"header {name[:40].decode('latin-1')!r} longer than "
+                             f"{self.port.max_header_size} bytes")
+        if len(self._headers) >= 100:
+            raise BadRequest("more than 100 headers")
+        lower = name.lower()
+        if lower == b"content-length":
+            self._length = int(value)  # httptools has checked it is digits
+        elif lower == b"transfer-encoding":
+            self._chunked = True
+        elif lower == b"expect" and value.lower() == b"100-continue":
+            self._expect = True
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        has_body = self._chunked or bool(self._length)
+        body = Body(self, self.port.max_body) if has_body else None
+        request = Request(self, parser.get_method().decode("latin-1"),
+                          self._url.decode("latin-1"), self._headers, self._length,
+                          self._chunked, parser.should_keep_alive(),
+                          parser.get_http_version() == "1.0", body)
+        self._parsing = request if has_body else None
+        if self._expect and has_body:
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve(request))
+        else:
+            self.waiting.append(request)
+            if len(self.waiting) > _MAX_PIPELINED:
+                self.pause_reading()
+
+    def on_body(self, data: bytes) -> None:
+        self._parsing.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing.body.finish()
+            self._parsing = None
+
+    def _bad(self, why: str) -> None:
+        self.broken = why
+        if self.task is None:
+            self._answer_bad()
+
+    def _answer_bad(self) -> None:
+        status, headers, body = self.port.on_bad_request(self.broken or "unreadable", self.remote)
+        self.write(self.head(status, headers, True)
+                   + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), True)
+
+    # --- serving -------------------------------------------------------------------------------
+
+    async def _serve(self, request: Request) -> None:
+        while True:
+            try:
+                await self.port.handler(request)
+            except asyncio.CancelledError:
+                self.task = None
+                raise
+            except Exception:  # a bug of ours: the client still gets a WebDriver error
+                log.exception("HANDLER_FAILED method=%s target=%s", request.method,
+                              request.target[:200])
+                if not request.sent:
+                    status, headers, body = self.port.on_bad_request(None, self.remote)
+                    request.sent = True
+                    self.write(self.head(status, headers, True)
+                               + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), True)
+                else:
+                    self.write(b"", True)
+            if request.body is not None and not request.body.done:
+                # Answered before the body was read to its end: where the next request starts
+                # is unknown, so the connection ends here.
+                self.write(b"", True)
+            if self.closing or not request.keep_alive:
+                self.write(b"", True)
+                self.task = None
+                return
+            self.last_active = self.loop.time()
+            if not self.waiting:
+                self.task = None
+                if self.broken is not None:
+                    self._answer_bad()
+                return
+            request = self.waiting.popleft()
+            self.resume_reading()
