@@ -311,8 +311,10 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.closing = True  # CONNECT (or an upgrade): answered, then the connection ends
-        except (httptools.HttpParserError, BadRequest) as exc:
-            self._bad(str(exc) or type(exc).__name__)
+        except httptools.HttpParserError as exc:
+            # A BadRequest raised by our callbacks arrives wrapped as "User callback error".
+            cause = exc.__context__ if isinstance(exc.__context__, BadRequest) else exc
+            self._bad(str(cause) or type(cause).__name__)
 
     def eof_received(self) -> bool | None:
         # A WebDriver client that closes its side has left (none half-closes to await an

@@ -4,7 +4,7 @@ import copy
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stickyproxy.metrics import Metrics, Timing, families
+from stickyproxy.metrics import Buckets, Metrics, Timing, families
 
 from snapshots import HOSTILE, SNAPSHOT
 
@@ -137,3 +137,11 @@ def test_registries_are_per_instance_and_openmetrics_is_offered():
 
 def test_an_empty_snapshot_gives_no_backend_samples():
     assert all(not f.samples for f in families({"backends": []}))
+
+
+def test_buckets_count_a_value_on_a_bound_in_that_bucket_and_render_cumulatively():
+    buckets = Buckets((0.001, 0.01, 0.1))
+    for v in (0.0005, 0.001, 0.05, 7.0):
+        buckets.observe(v)
+    assert buckets.cumulative() == [("0.001", 2), ("0.01", 2), ("0.1", 3), ("+Inf", 4)]
+    assert abs(buckets.sum - 7.0515) < 1e-9

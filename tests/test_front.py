@@ -1,0 +1,231 @@
+"""front.py, the WebDriver port's HTTP/1.1 server, over real loopback sockets.
+
+The handler here is the test's own (echoing what it was sent), so each HTTP behaviour is seen
+by itself; the WebDriver behaviour on top of it is tested through the real proxy elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from stickyproxy.front import BodyTooLarge, Port, Request
+
+JSON = (b"Content-Type", b"application/json")
+
+
+def bad_request(why, client):
+    status = 400 if why is not None else 500
+    return status, [JSON], json.dumps({"value": {"error": "x", "message": why or "failed"}}).encode()
+
+
+def too_many(client):
+    return 429, [JSON], b'{"value": {"error": "unknown error", "message": "too many"}}'
+
+
+class Echo:
+    """Answers every request with what it saw; some paths misbehave on purpose."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+
+    async def __call__(self, request: Request) -> None:
+        self.started.append(request.target)
+        try:
+            if request.target.startswith("/slow"):
+                await asyncio.sleep(float(request.target.split("=")[1]))
+            if request.target == "/hang":
+                await asyncio.sleep(60)
+            if request.target == "/boom":
+                raise RuntimeError("a bug")
+            if request.target == "/stream":
+                async def parts():
+                    for i in range(3):
+                        yield b"part%d;" % i
+                await request.stream(200, [JSON], parts())
+                return
+            try:
+                body = await request.read()
+            except BodyTooLarge:
+                await request.send(413, [JSON], b'{"too": "large"}', close=True)
+                return
+            answer = {"method": request.method, "target": request.target, "body": body.decode(),
+                      "cookie": request.headers.get("cookie")}
+            await request.send(200, [JSON], json.dumps(answer).encode())
+        except asyncio.CancelledError:
+            self.cancelled.append(request.target)
+            raise
+
+
+@pytest.fixture
+async def port():
+    echo = Echo()
+    server = Port(echo, idle_timeout=0.5, max_header_size=1024, max_body=64, max_connections=3,
+                  on_bad_request=bad_request, on_too_many=too_many)
+    host, number = await server.start("127.0.0.1", 0)
+    server.echo, server.number, server.clients = echo, number, []
+    yield server
+    for writer in server.clients:
+        writer.close()
+        await asyncio.gather(writer.wait_closed(), return_exceptions=True)
+    await server.close(grace=1)
+
+
+async def connect(port: Port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port.number)
+    port.clients.append(writer)  # closed by the fixture
+    return reader, writer
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:] if line)}
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+    else:
+        body = await asyncio.wait_for(reader.read(), 5)  # close-delimited
+    return status, headers, body
+
+
+def get(target: str, extra: str = "", version: str = "1.1") -> bytes:
+    return f"GET {target} HTTP/{version}\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(port):
+    reader, writer = await connect(port)
+    for target in ("/a", "/b?q=1"):
+        writer.write(get(target, "Cookie: one\r\nCookie: two\r\n"))
+        status, headers, body = await read_answer(reader)
+        assert status == 200 and "connection" not in headers
+        assert json.loads(body) == {"method": "GET", "target": target, "body": "",
+                                    "cookie": "one; two"}
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(port):
+    reader, writer = await connect(port)
+    writer.write(get("/slow?s=0.2") + get("/slow?s=0") + get("/c"))
+    targets = [json.loads((await read_answer(reader))[2])["target"] for _ in range(3)]
+    assert targets == ["/slow?s=0.2", "/slow?s=0", "/c"]
+    writer.close()
+
+
+async def test_bodies_by_length_and_chunked_and_expect_continue(port):
+    reader, writer = await connect(port)
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    assert json.loads((await read_answer(reader))[2])["body"] == "hello"
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert json.loads((await read_answer(reader))[2])["body"] == "abcde"
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"ok")
+    assert json.loads((await read_answer(reader))[2])["body"] == "ok"
+    writer.close()
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives(port):
+    reader, writer = await connect(port)
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + b"20\r\n" + b"a" * 32 + b"\r\n" + b"30\r\n" + b"b" * 48 + b"\r\n0\r\n\r\n")
+    status, headers, _ = await read_answer(reader)
+    assert status == 413 and headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_streamed_answers_are_chunked_for_http11_and_close_delimited_for_http10(port):
+    reader, writer = await connect(port)
+    writer.write(get("/stream"))
+    status, headers, body = await read_answer(reader)
+    assert headers["transfer-encoding"] == "chunked" and body == b"part0;part1;part2;"
+    writer.write(get("/a"))  # still usable afterwards
+    assert (await read_answer(reader))[0] == 200
+    writer.close()
+    reader, writer = await connect(port)
+    writer.write(get("/stream", version="1.0"))
+    status, headers, body = await read_answer(reader)
+    assert "transfer-encoding" not in headers and headers["connection"] == "close"
+    assert body == b"part0;part1;part2;"
+
+
+async def test_http10_and_connection_close_end_the_connection_after_the_answer(port):
+    for request in (get("/a", version="1.0"), get("/a", "Connection: close\r\n")):
+        reader, writer = await connect(port)
+        writer.write(request)
+        status, headers, _ = await read_answer(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_a_client_that_leaves_cancels_its_handler(port):
+    reader, writer = await connect(port)
+    writer.write(get("/hang"))
+    await _until(lambda: "/hang" in port.echo.started)
+    writer.close()
+    await _until(lambda: port.echo.cancelled == ["/hang"])
+
+
+async def test_idle_connections_are_closed_after_the_idle_timeout(port):
+    reader, writer = await connect(port)
+    writer.write(get("/a"))
+    await read_answer(reader)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server (0.5 s)
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"FO\x01O / HTTP/1.1\r\n\r\n", "Invalid method"),
+    (get("/a", "X-Big: " + "a" * 2000 + "\r\n"), "longer than 1024 bytes"),
+    (get("/" + "a" * 2000), "request target longer than 1024 bytes"),
+])
+async def test_unparseable_requests_get_the_bad_request_answer_and_the_connection_ends(
+        port, data, why):
+    reader, writer = await connect(port)
+    writer.write(data)
+    status, headers, body = await read_answer(reader)
+    assert status == 400 and headers["connection"] == "close"
+    assert why.lower() in json.loads(body)["value"]["message"].lower()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_garbage_after_a_good_request_is_answered_after_it(port):
+    reader, writer = await connect(port)
+    writer.write(get("/slow?s=0.1") + b"NOT HTTP AT ALL\r\n\r\n")
+    assert (await read_answer(reader))[0] == 200
+    assert (await read_answer(reader))[0] == 400
+
+
+async def test_a_failing_handler_gets_a_500_answer(port):
+    reader, writer = await connect(port)
+    writer.write(get("/boom"))
+    status, headers, body = await read_answer(reader)
+    assert status == 500 and json.loads(body)["value"]["message"] == "failed"
+
+
+async def test_connections_over_the_limit_are_answered_and_closed(port):
+    held = [await connect(port) for _ in range(3)]
+    for reader, writer in held:  # each one served, so each is counted
+        writer.write(get("/a"))
+        await read_answer(reader)
+    reader, writer = await connect(port)
+    status, headers, _ = await read_answer(reader)
+    assert status == 429 and headers["connection"] == "close"
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
