@@ -13,13 +13,16 @@ has no memory, a Docker one has `memory_used_bytes` instead of `memory.rss_bytes
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, InfoMetricFamily)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 # The `kind` label of the request histograms: a new session (placement, maybe a queue wait, a
 # browser start), a command of a live session, or anything else stickyproxy answers itself.
@@ -196,6 +199,45 @@ class SnapshotCollector:
 
 # --- the request path ---------------------------------------------------------------------------
 
+class Buckets:
+    """One histogram child fed once per request: a bisect and two additions, no lock (the event
+    loop is one thread). prometheus_client's Histogram.observe, with its mutex per value, was
+    ~5% of the proxy's CPU per command (benchmarks/profile.py overhead)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: the first bound >= value
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total, out = 0, []
+        for bound, count in zip(self.bounds + (float("inf"),), self.counts):
+            total += count
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+class RequestHistograms:
+    """A collector rendering `Buckets` by label at scrape time, like a labelled Histogram."""
+
+    def __init__(self, name: str, doc: str, label: str, values: Iterable[str],
+                 bounds: tuple[float, ...]) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self.children = {value: Buckets(bounds) for value in values}
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
+        for value, child in self.children.items():
+            family.add_metric([value], child.cumulative(), child.sum)
+        return [family]
+
+
 class Timing:
     """One request's clock, kept by the proxy handler: when it started, how long it waited on
     its backend and in the queue (so the rest is stickyproxy's own overhead), and what the
@@ -230,14 +272,16 @@ class Metrics:
         if process:
             ProcessCollector(namespace="stickyproxy", registry=self.registry)
         r = self.registry
-        self.request_seconds = Histogram(
+        self.request_seconds = RequestHistograms(
             "stickyproxy_request_duration_seconds",
             "Time from a request's arrival to its answer, by kind (new_session, command, other)",
-            ["kind"], buckets=_REQUEST_BUCKETS, registry=r)
-        self.overhead_seconds = Histogram(
+            "kind", KINDS, _REQUEST_BUCKETS)
+        self.overhead_seconds = RequestHistograms(
             "stickyproxy_proxy_overhead_seconds",
             "Time a request spent in stickyproxy itself: total minus the backend's answer and "
-            "the queue wait", ["kind"], buckets=_OVERHEAD_BUCKETS, registry=r)
+            "the queue wait", "kind", KINDS, _OVERHEAD_BUCKETS)
+        r.register(self.request_seconds)
+        r.register(self.overhead_seconds)
         self.queue_wait_seconds = Histogram(
             "stickyproxy_queue_wait_seconds", "Time a new session waited in the queue for a slot",
             buckets=_QUEUE_BUCKETS, registry=r)
@@ -245,8 +289,8 @@ class Metrics:
             "stickyproxy_health_check_duration_seconds", "Latency of health checks",
             ["result"], buckets=_CHECK_BUCKETS, registry=r)
         # Children resolved once: the hot path does no label lookup.
-        self._request = {kind: self.request_seconds.labels(kind) for kind in KINDS}
-        self._overhead = {kind: self.overhead_seconds.labels(kind) for kind in KINDS}
+        self._request = self.request_seconds.children
+        self._overhead = self.overhead_seconds.children
 
     def observe(self, timing: Timing, elapsed: float) -> None:
         """One finished request (called once per request by the proxy handler)."""
