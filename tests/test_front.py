@@ -99,6 +99,16 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]
     return status, headers, body
 
 
+async def last_answer(port: Port, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `data` on a new connection; its answer, which must say and do Connection: close."""
+    reader, writer = await connect(port)
+    writer.write(data)
+    status, headers, body = await read_answer(reader)
+    assert headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    return status, headers, body
+
+
 def get(target: str, extra: str = "", version: str = "1.1") -> bytes:
     return f"GET {target} HTTP/{version}\r\nHost: x\r\n{extra}\r\n".encode()
 
@@ -137,12 +147,10 @@ async def test_bodies_by_length_and_chunked_and_expect_continue(port):
 
 
 async def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives(port):
-    reader, writer = await connect(port)
-    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 + b"20\r\n" + b"a" * 32 + b"\r\n" + b"30\r\n" + b"b" * 48 + b"\r\n0\r\n\r\n")
-    status, headers, _ = await read_answer(reader)
-    assert status == 413 and headers["connection"] == "close"
-    assert await asyncio.wait_for(reader.read(), 5) == b""
+    status, _, _ = await last_answer(
+        port, b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"20\r\n" + b"a" * 32 + b"\r\n" + b"30\r\n" + b"b" * 48 + b"\r\n0\r\n\r\n")
+    assert status == 413
 
 
 async def test_streamed_answers_are_chunked_for_http11_and_close_delimited_for_http10(port):
@@ -153,20 +161,13 @@ async def test_streamed_answers_are_chunked_for_http11_and_close_delimited_for_h
     writer.write(get("/a"))  # still usable afterwards
     assert (await read_answer(reader))[0] == 200
     writer.close()
-    reader, writer = await connect(port)
-    writer.write(get("/stream", version="1.0"))
-    status, headers, body = await read_answer(reader)
-    assert "transfer-encoding" not in headers and headers["connection"] == "close"
-    assert body == b"part0;part1;part2;"
+    status, headers, body = await last_answer(port, get("/stream", version="1.0"))
+    assert "transfer-encoding" not in headers and body == b"part0;part1;part2;"
 
 
 async def test_http10_and_connection_close_end_the_connection_after_the_answer(port):
     for request in (get("/a", version="1.0"), get("/a", "Connection: close\r\n")):
-        reader, writer = await connect(port)
-        writer.write(request)
-        status, headers, _ = await read_answer(reader)
-        assert status == 200 and headers["connection"] == "close"
-        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert (await last_answer(port, request))[0] == 200
 
 
 async def test_a_client_that_leaves_cancels_its_handler(port):
@@ -191,12 +192,9 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(port):
 ])
 async def test_unparseable_requests_get_the_bad_request_answer_and_the_connection_ends(
         port, data, why):
-    reader, writer = await connect(port)
-    writer.write(data)
-    status, headers, body = await read_answer(reader)
-    assert status == 400 and headers["connection"] == "close"
+    status, _, body = await last_answer(port, data)
+    assert status == 400
     assert why.lower() in json.loads(body)["value"]["message"].lower()
-    assert await asyncio.wait_for(reader.read(), 5) == b""
 
 
 async def test_garbage_after_a_good_request_is_answered_after_it(port):
