@@ -166,8 +166,8 @@ class Request:
         """End the connection now: an answer already under way cannot be finished."""
         self._conn.write(b"", True)
 
-    async def send(self, status: int, headers: Iterable[Header], body: bytes = b"", *,
-                   close: bool = False) -> None:
+    def send(self, status: int, headers: Iterable[Header], body: bytes = b"", *,
+             close: bool = False) -> None:
         """Answer with a whole body: status line, headers and body in one write."""
         self.sent = True
         close = close or not self.keep_alive

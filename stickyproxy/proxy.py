@@ -80,7 +80,7 @@ async def handle(request: Request) -> None:
         reply = await _route(request, app, timing)
         status = reply.status
         if reply.body is not None and not request.sent:
-            await request.send(reply.status, reply.headers, reply.body, close=reply.close)
+            request.send(reply.status, reply.headers, reply.body, close=reply.close)
     except asyncio.CancelledError:
         status = 499  # the client left before its answer (nginx's "client closed request")
         raise
@@ -177,7 +177,7 @@ async def _session_command(request: Request, app: App, sid: str, kind: Kind,
     if session.bridge is not None:
         return await _bridged_command(request, app, session, backend, rest, kind)
     backend.requests_total += 1
-    body, length = await _body(request, app.guard)
+    body, length = (None, 0) if request.body is None else await _body(request, app.guard)
     target = request.target
     if session.rewritten:  # the backend knows its session by its own id, in paths and bodies
         target = target.replace(sid, session.backend_sid, 1)
@@ -249,9 +249,11 @@ async def _relay(request: Request, answer: Response, backend: Backend,
         headers = _answer_headers(answer, backend)
         length = answer.header(b"content-length")
         if length is not None and int(length) <= _BUFFER_LIMIT:
-            began = time.perf_counter()
-            body = await answer.read()
-            timing.backend += time.perf_counter() - began
+            body = answer.ready_body()  # usually all here with the head: no await
+            if body is None:
+                began = time.perf_counter()
+                body = await answer.read()
+                timing.backend += time.perf_counter() - began
             if backend_sid:
                 body = body.replace(backend_sid.encode(), sid.encode())
             return Reply(answer.status, headers, body)

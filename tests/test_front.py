@@ -49,11 +49,11 @@ class Echo:
             try:
                 body = await request.read()
             except BodyTooLarge:
-                await request.send(413, [JSON], b'{"too": "large"}', close=True)
+                request.send(413, [JSON], b'{"too": "large"}', close=True)
                 return
             answer = {"method": request.method, "target": request.target, "body": body.decode(),
                       "cookie": request.headers.get("cookie")}
-            await request.send(200, [JSON], json.dumps(answer).encode())
+            request.send(200, [JSON], json.dumps(answer).encode())
         except asyncio.CancelledError:
             self.cancelled.append(request.target)
             raise
