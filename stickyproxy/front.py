@@ -166,7 +166,7 @@ class Request:
         """End the connection now: an answer already under way cannot be finished."""
         self._conn.write(b"", True)
 
-    def send(self, status: int, headers: Iterable[Header], body: bytes = b"", *,
+    def send(self, status: int, headers: Iterable[Header] | bytes, body: bytes = b"", *,
              close: bool = False) -> None:
         """Answer with a whole body: status line, headers and body in one write."""
         self.sent = True
@@ -175,7 +175,8 @@ class Request:
         head += b"Content-Length: %d\r\n\r\n" % len(body)
         self._conn.write(head + body if self.method != "HEAD" else head, close)
 
-    async def stream(self, status: int, headers: Iterable[Header], chunks: AsyncIterator[bytes],
+    async def stream(self, status: int, headers: Iterable[Header] | bytes,
+                     chunks: AsyncIterator[bytes],
                      length: int | None = None) -> None:
         """Answer with a body written as `chunks` yields it, at the client's pace. Without a
         `length` it is sent chunked (or close-delimited to an HTTP/1.0 client)."""
@@ -250,7 +251,9 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.waiting: deque[Request] = deque()  # parsed, behind the one being served
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task | None = None  # serves the requests, started by the first
+        self._next: asyncio.Future | None = None  # the task waits on it for the next request
+        self.busy = False  # a request is being answered
         self.closing = False  # no request after the current one
         self.broken: str | None = None  # a parse error to answer once the current one is out
         self.paused = False
@@ -346,7 +349,7 @@ class Connection(asyncio.Protocol):
 
     def close_when_idle(self) -> None:
         self.closing = True
-        if self.task is None and self.transport is not None:
+        if not self.busy and not self.waiting and self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
@@ -356,7 +359,7 @@ class Connection(asyncio.Protocol):
     def _check_idle(self) -> None:
         # One timer per connection, re-armed lazily: cheaper than resetting it per request.
         idle = self.loop.time() - self.last_active
-        if self.task is None and not self.waiting and idle >= self.port.idle_timeout:
+        if not self.busy and not self.waiting and idle >= self.port.idle_timeout:
             self._idle = None
             self.transport.close()
         else:
@@ -366,13 +369,14 @@ class Connection(asyncio.Protocol):
     # --- writing -------------------------------------------------------------------------------
 
     @staticmethod
-    def head(status: int, headers: Iterable[Header], close: bool) -> bytearray:
+    def head(status: int, headers: Iterable[Header] | bytes, close: bool) -> bytearray:
+        """Status line and headers: (name, value) pairs, or header lines already joined."""
         head = bytearray(b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown")))
-        for name, value in headers:
-            head += name
-            head += b": "
-            head += value
-            head += b"\r\n"
+        if isinstance(headers, (bytes, bytearray)):
+            head += headers
+        else:
+            for name, value in headers:
+                head += b"%b: %b\r\n" % (name, value)
         if close:
             head += b"Connection: close\r\n"
         return head
@@ -424,12 +428,13 @@ class Connection(asyncio.Protocol):
         self._parsing = request if has_body else None
         if self._expect and has_body:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
+        self.waiting.append(request)
         if self.task is None:
-            self.task = self.loop.create_task(self._serve(request))
-        else:
-            self.waiting.append(request)
-            if len(self.waiting) > _MAX_PIPELINED:
-                self.pause_reading()
+            self.task = self.loop.create_task(self._serve())
+        elif self._next is not None and not self._next.done():
+            self._next.set_result(None)
+        elif len(self.waiting) > _MAX_PIPELINED:
+            self.pause_reading()
 
     def on_body(self, data: bytes) -> None:
         self._parsing.body.feed(data)
@@ -441,7 +446,7 @@ class Connection(asyncio.Protocol):
 
     def _bad(self, why: str) -> None:
         self.broken = why
-        if self.task is None:
+        if not self.busy and not self.waiting:
             self._answer_bad()
 
     def _answer_bad(self) -> None:
@@ -451,12 +456,26 @@ class Connection(asyncio.Protocol):
 
     # --- serving -------------------------------------------------------------------------------
 
-    async def _serve(self, request: Request) -> None:
+    async def _serve(self) -> None:
+        """The connection's one task: its requests, one at a time, for as long as it lives
+        (waiting on a future between requests is cheaper than a task per request)."""
         while True:
+            if not self.waiting:
+                if self.broken is not None:
+                    self._answer_bad()
+                    return
+                self._next = self.loop.create_future()
+                try:
+                    await self._next
+                finally:
+                    self._next = None
+                continue
+            request = self.waiting.popleft()
+            self.resume_reading()
+            self.busy = True
             try:
                 await self.port.handler(request)
             except asyncio.CancelledError:
-                self.task = None
                 raise
             except Exception:  # a bug of ours: the client still gets a WebDriver error
                 log.exception("HANDLER_FAILED method=%s target=%s", request.method,
@@ -466,21 +485,12 @@ class Connection(asyncio.Protocol):
                     request.sent = True
                     self.write(self.head(status, headers, True)
                                + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), True)
-                else:
-                    self.write(b"", True)
-            if request.body is not None and not request.body.done:
-                # Answered before the body was read to its end: where the next request starts
-                # is unknown, so the connection ends here.
+            finally:
+                self.busy = False
+            if (self.closing or not request.keep_alive
+                    or (request.body is not None and not request.body.done)):
+                # (an answer sent before its request's body was all read leaves the start of
+                # the next request unknown: that connection ends too)
                 self.write(b"", True)
-            if self.closing or not request.keep_alive:
-                self.write(b"", True)
-                self.task = None
                 return
             self.last_active = self.loop.time()
-            if not self.waiting:
-                self.task = None
-                if self.broken is not None:
-                    self._answer_bad()
-                return
-            request = self.waiting.popleft()
-            self.resume_reading()

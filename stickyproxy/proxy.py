@@ -25,7 +25,7 @@ from .queue import QueueFull, SessionQueue
 from .health import DOWN
 from .routing import Attempt, may_retry_elsewhere
 from .sessions import EndReason, Session, SessionTable
-from .upstream import HOP_BY_HOP, NotConnected, Response, UpstreamError
+from .upstream import NotConnected, Response, UpstreamError
 from .webdriver import (Kind, WebDriverError, check_target, classify, session_id_of,
                         with_chrome_args)
 
@@ -59,7 +59,7 @@ class Reply:
 
     __slots__ = ("status", "headers", "body", "close")
 
-    def __init__(self, status: int, headers: list[Header], body: bytes | None,
+    def __init__(self, status: int, headers: list[Header] | bytes, body: bytes | None,
                  close: bool = False) -> None:
         self.status, self.headers, self.body, self.close = status, headers, body, close
 
@@ -234,10 +234,8 @@ async def _rewrite_stream(chunks: AsyncIterator[bytes], rewriter) -> AsyncIterat
     yield rewriter.close()
 
 
-def _answer_headers(answer: Response, backend: Backend) -> list[Header]:
-    headers = [h for h in answer.headers if h[0].lower() not in HOP_BY_HOP]
-    headers.append((_BACKEND_HEADER, backend.id.encode()))
-    return headers
+def _answer_headers(answer: Response, backend: Backend) -> bytes:
+    return answer.forward + b"X-Stickyproxy-Backend: %b\r\n" % backend.id.encode()
 
 
 async def _relay(request: Request, answer: Response, backend: Backend,

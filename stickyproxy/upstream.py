@@ -42,7 +42,7 @@ class UpstreamError(ConnectionError):
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "parser", "status", "headers", "keep_alive", "_head", "_chunks",
-                 "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock", "_paused", "lost",
+                 "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock", "_paused", "lost", "forward",
                  "_loop")
 
     def __init__(self) -> None:
@@ -60,6 +60,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.forward = b""  # the end-to-end header lines, as a proxy passes them on
         self.keep_alive = False
         self._head: asyncio.Future | None = None
         self._chunks: deque[bytes] = deque()
@@ -119,6 +120,8 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        if name.lower() not in HOP_BY_HOP:
+            self.forward += b"%b: %b\r\n" % (name, value)
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -256,11 +259,12 @@ class Response:
     """One backend answer; the body is read with `read()` or streamed with `chunks()`, then the
     response must be released (`release()`), which returns the connection to the pool."""
 
-    __slots__ = ("status", "headers", "_conn", "_pool", "_released")
+    __slots__ = ("status", "headers", "forward", "_conn", "_pool", "_released")
 
     def __init__(self, conn: _Connection, pool: "Upstream") -> None:
         self.status = conn.status
         self.headers = conn.headers
+        self.forward = conn.forward  # header lines minus hop-by-hop ones, ready to send on
         self._conn, self._pool, self._released = conn, pool, False
 
     def header(self, name: bytes) -> bytes | None:
