@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 # Selenium 3 and older put everything under /wd/hub; Selenium 4 and W3C servers use the root.
 HUB_PREFIX = "/wd/hub"
@@ -30,8 +29,7 @@ class Kind(Enum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):  # built once per request: a tuple is the cheapest immutable record
     kind: Kind
     session_id: str = ""
     prefix: str = ""  # "" or "/wd/hub", kept so the backend sees the path the client used
