@@ -27,11 +27,14 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import httptools
 
+from .upstream import HOP_BY_HOP
+
 log = logging.getLogger("stickyproxy")
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _HIGH_WATER = 1 << 20  # buffered body bytes before the client is told to wait (pause_reading)
 _MAX_PIPELINED = 16  # parsed requests waiting behind the one being served
+_WHOLE = 64 << 10  # a body up to this size is received before its handler starts
 Header = tuple[bytes, bytes]
 
 
@@ -82,7 +85,7 @@ class Body:
             self._waiter.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._conn.loop.create_future()  # (get_running_loop: a getpid on 3.11)
         try:
             await self._waiter
         finally:
@@ -118,15 +121,16 @@ class Body:
 class Request:
     """One parsed request: what the handler reads, and `send` to answer it."""
 
-    __slots__ = ("method", "target", "raw_headers", "content_length", "chunked", "keep_alive",
-                 "body", "remote", "app", "sent", "timing", "principal", "_conn", "_headers",
-                 "_http10")
+    __slots__ = ("method", "target", "raw_headers", "forward", "content_length", "chunked",
+                 "keep_alive", "body", "remote", "app", "sent", "timing", "principal", "_conn",
+                 "_headers", "_http10")
 
     def __init__(self, conn: "Connection", method: str, target: str, raw_headers: list[Header],
-                 content_length: int | None, chunked: bool, keep_alive: bool, http10: bool,
-                 body: Body | None) -> None:
+                 forward: bytes, content_length: int | None, chunked: bool, keep_alive: bool,
+                 http10: bool, body: Body | None) -> None:
         self._conn = conn
         self.method, self.target, self.raw_headers = method, target, raw_headers
+        self.forward = forward  # the end-to-end header lines, joined, for a proxy to pass on
         self.content_length, self.chunked = content_length, chunked
         self.keep_alive, self._http10, self.body = keep_alive, http10, body
         self.remote = conn.remote
@@ -263,6 +267,7 @@ class Connection(asyncio.Protocol):
         # the request being parsed
         self._url = b""
         self._headers: list[Header] = []
+        self._forward = b""
         self._length: int | None = None
         self._chunked = False
         self._expect = False
@@ -394,7 +399,7 @@ class Connection(asyncio.Protocol):
     # --- parsing (httptools callbacks) ---------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._url, self._headers = b"", []
+        self._url, self._headers, self._forward = b"", [], b""
         self._length, self._chunked, self._expect = None, False, False
 
     def on_url(self, url: bytes) -> None:
@@ -409,7 +414,9 @@ class Connection(asyncio.Protocol):
         if len(self._headers) >= 100:
             raise BadRequest("more than 100 headers")
         lower = name.lower()
-        if lower == b"content-length":
+        if lower not in HOP_BY_HOP:
+            self._forward += b"%b: %b\r\n" % (name, value)
+        elif lower == b"content-length":
             self._length = int(value)  # httptools has checked it is digits
         elif lower == b"transfer-encoding":
             self._chunked = True
@@ -422,12 +429,17 @@ class Connection(asyncio.Protocol):
         has_body = self._chunked or bool(self._length)
         body = Body(self, self.port.max_body) if has_body else None
         request = Request(self, parser.get_method().decode("latin-1"),
-                          self._url.decode("latin-1"), self._headers, self._length,
+                          self._url.decode("latin-1"), self._headers, self._forward, self._length,
                           self._chunked, parser.should_keep_alive(),
                           parser.get_http_version() == "1.0", body)
         self._parsing = request if has_body else None
         if self._expect and has_body:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
+        if has_body and not self._chunked and self._length <= _WHOLE:
+            return  # served once its body is here (on_message_complete): one wake-up, not two
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
         self.waiting.append(request)
         if self.task is None:
             self.task = self.loop.create_task(self._serve())
@@ -440,9 +452,12 @@ class Connection(asyncio.Protocol):
         self._parsing.body.feed(data)
 
     def on_message_complete(self) -> None:
-        if self._parsing is not None:
-            self._parsing.body.finish()
+        request = self._parsing
+        if request is not None:
             self._parsing = None
+            request.body.finish()
+            if not request.chunked and request.content_length <= _WHOLE:
+                self._enqueue(request)
 
     def _bad(self, why: str) -> None:
         self.broken = why

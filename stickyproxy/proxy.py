@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from . import bridge, routes
+from . import bridge, routes, webdriver
 from .backends import Backend, Pool
 from .front import BodyTooLarge, Header, Port, Request
 from .guard import Guard
@@ -26,8 +26,7 @@ from .health import DOWN
 from .routing import Attempt, may_retry_elsewhere
 from .sessions import EndReason, Session, SessionTable
 from .upstream import NotConnected, Response, UpstreamError
-from .webdriver import (Kind, WebDriverError, check_target, classify, session_id_of,
-                        with_chrome_args)
+from .webdriver import Kind, WebDriverError, session_id_of, with_chrome_args
 
 log = logging.getLogger("stickyproxy")
 access_log = logging.getLogger("stickyproxy.access")
@@ -97,10 +96,11 @@ async def _route(request: Request, app: App, timing: Timing) -> Reply:
     guard = app.guard
     try:
         try:
-            check_target(request.method, request.target)
+            route = webdriver.route(request.method, request.target)
         except WebDriverError as err:
+            if err.status == 404:  # not a session id: an answer, not a refusal
+                raise
             raise guard.refuse("bad_request", err, request.remote) from None
-        route = classify(request.method, request.path)
         if guard.auth.enabled and route.kind is not Kind.STATUS:
             verdict = guard.auth.check(request.headers.get("authorization"))
             if not verdict.ok:
@@ -185,7 +185,7 @@ async def _session_command(request: Request, app: App, sid: str, kind: Kind,
     began = time.perf_counter()  # inline, not timing.on_backend: one coroutine less per command
     try:
         answer = await backend.upstream.request(
-            request.method, target, request.raw_headers, body,
+            request.method, target, request.forward, body,
             length=length, timeout=app.timeout)
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         timing.backend += time.perf_counter() - began
@@ -245,8 +245,8 @@ async def _relay(request: Request, answer: Response, backend: Backend,
     timing = request.timing
     try:
         headers = _answer_headers(answer, backend)
-        length = answer.header(b"content-length")
-        if length is not None and int(length) <= _BUFFER_LIMIT:
+        length = answer.length
+        if length is not None and length <= _BUFFER_LIMIT:
             body = answer.ready_body()  # usually all here with the head: no await
             if body is None:
                 began = time.perf_counter()
@@ -259,7 +259,7 @@ async def _relay(request: Request, answer: Response, backend: Backend,
         began = time.perf_counter()
         await request.stream(answer.status, headers, _rewrite_stream(answer.chunks(), rewriter)
                              if rewriter else answer.chunks(),
-                             int(length) if length is not None and rewriter is None else None)
+                             length if rewriter is None else None)
         timing.backend += time.perf_counter() - began  # streamed at the backend's pace
         return Reply(answer.status, headers, None)
     except (UpstreamError, TimeoutError) as exc:

@@ -15,6 +15,7 @@ never saw the request, which is the one case where placement may try another bac
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections import deque
 from typing import AsyncIterator, Iterable
@@ -42,7 +43,7 @@ class UpstreamError(ConnectionError):
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "parser", "status", "headers", "keep_alive", "_head", "_chunks",
-                 "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock", "_paused", "lost", "forward",
+                 "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock", "_paused", "lost", "forward", "length",
                  "_loop")
 
     def __init__(self) -> None:
@@ -61,6 +62,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.forward = b""  # the end-to-end header lines, as a proxy passes them on
+        self.length: int | None = None  # Content-Length, if the answer has one
         self.keep_alive = False
         self._head: asyncio.Future | None = None
         self._chunks: deque[bytes] = deque()
@@ -75,7 +77,12 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            self._sock, self._quickack = sock, hasattr(socket, "TCP_QUICKACK")
+            # A real socket object on a duplicate of the descriptor: setsockopt through
+            # uvloop's pseudo-socket builds a socket object per call (two syscalls more for
+            # every QUICKACK, counted with strace).
+            self._sock = socket.socket(sock.family, socket.SOCK_STREAM, 0,
+                                       fileno=os.dup(sock.fileno()))
+            self._quickack = hasattr(socket, "TCP_QUICKACK")
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -107,6 +114,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._sock is not None:
+            self._sock.close()  # the duplicate descriptor
+            self._sock, self._quickack = None, False
         if not self._done:
             self._fail(UpstreamError(f"backend closed the connection mid-response"
                                      f"{': ' + str(exc) if exc else ''}"))
@@ -120,8 +130,11 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        if name.lower() not in HOP_BY_HOP:
+        lower = name.lower()
+        if lower not in HOP_BY_HOP:
             self.forward += b"%b: %b\r\n" % (name, value)
+        elif lower == b"content-length":
+            self.length = int(value)  # httptools has checked it is digits
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -259,19 +272,14 @@ class Response:
     """One backend answer; the body is read with `read()` or streamed with `chunks()`, then the
     response must be released (`release()`), which returns the connection to the pool."""
 
-    __slots__ = ("status", "headers", "forward", "_conn", "_pool", "_released")
+    __slots__ = ("status", "headers", "forward", "length", "_conn", "_pool", "_released")
 
     def __init__(self, conn: _Connection, pool: "Upstream") -> None:
         self.status = conn.status
         self.headers = conn.headers
         self.forward = conn.forward  # header lines minus hop-by-hop ones, ready to send on
+        self.length = conn.length
         self._conn, self._pool, self._released = conn, pool, False
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
 
     def ready_body(self) -> bytes | None:
         """The whole body if it has all arrived already (no await needed), else None."""
@@ -330,20 +338,26 @@ class Upstream:
         self.opened_total += 1
         return conn
 
-    def head(self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]],
+    def head(self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]] | bytes,
              length: int | None) -> bytes:
+        """The request head: `headers` as (name, value) pairs (hop-by-hop ones are dropped here)
+        or as header lines a server already filtered (front.Request.forward)."""
         lines = [f"{method} {self.base_path}{target} HTTP/1.1\r\n".encode(),
                  b"Host: ", self.host_header, b"\r\n"]
-        for name, value in headers:
-            if name.lower() not in HOP_BY_HOP:
-                lines += (name, b": ", value, b"\r\n")
+        if isinstance(headers, bytes):
+            lines.append(headers)
+        else:
+            for name, value in headers:
+                if name.lower() not in HOP_BY_HOP:
+                    lines += (name, b": ", value, b"\r\n")
         if length is None:
             lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
         else:
             lines.append(b"Content-Length: %d\r\n\r\n" % length)
         return b"".join(lines)
 
-    async def request(self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]],
+    async def request(self, method: str, target: str,
+                      headers: Iterable[tuple[bytes, bytes]] | bytes,
                       body: bytes | AsyncIterator[bytes] | None, *, timeout: float,
                       length: int | None = None, connect_timeout: float = 10.0,
                       fresh: bool = False) -> Response:

@@ -55,6 +55,24 @@ def check_target(method: str, target: str) -> None:
         raise WebDriverError.invalid_argument(f"path not allowed: {path[:200]!r}")
 
 
+# A session command in its usual shape: no query, and no dot segment, escape or backslash that
+# check_target would refuse; its Route is read off the match (one regex instead of two passes).
+_COMMAND = re.compile(r"(/wd/hub)?/session/([A-Za-z0-9_-][A-Za-z0-9._-]{0,127})"
+                      r"((?:/[A-Za-z0-9_-]+)*)/?\Z")
+
+
+def route(method: str, target: str) -> Route:
+    """check_target, then classify: what the proxy asks once per request."""
+    match = _COMMAND.match(target) if method in _METHODS else None
+    if match is not None:
+        prefix, sid, rest = match.groups()
+        if not rest and method == "DELETE":
+            return Route(Kind.DELETE_SESSION, sid, prefix or "")
+        return Route(Kind.SESSION, sid, prefix or "", rest)
+    check_target(method, target)
+    return classify(method, target.split("?", 1)[0])
+
+
 def classify(method: str, path: str) -> Route:
     prefix = ""
     if path.startswith(HUB_PREFIX) and (len(path) == len(HUB_PREFIX) or path[len(HUB_PREFIX)] == "/"):

@@ -2,7 +2,11 @@ import json
 
 import pytest
 
-from stickyproxy.webdriver import Kind, WebDriverError, classify, session_id_of
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from stickyproxy.webdriver import (Kind, WebDriverError, check_target, classify, route,
+                                   session_id_of)
 
 
 @pytest.mark.parametrize("method, path, kind, sid, rest", [
@@ -89,3 +93,31 @@ def test_targets_no_webdriver_client_sends_are_refused(method, target, status):
 def test_webdriver_targets_pass(method, target):
     from stickyproxy.webdriver import check_target
     check_target(method, target)
+
+
+# route(): the fast path for usual session commands must answer exactly as check_target +
+# classify do, for any target (including every refusal).
+_SEGMENTS = st.sampled_from(["session", "wd", "hub", "abc", "a.b", ".", "..", "%2e", "%2F", "x-1",
+                             "url", "element", "", "a\\\\b", "?q=1", "UPPER", "_"])
+
+
+@settings(max_examples=400, deadline=None)
+@example(method="DELETE", prefix="/wd/hub/session", segments=["abc", ""])
+@example(method="GET", prefix="/session", segments=["a.b", "url"])
+@example(method="POST", prefix="/session", segments=["abc", "url?x=1"])
+@example(method="GET", prefix="/session", segments=["abc", "%2e"])
+@given(method=st.sampled_from(["GET", "POST", "DELETE", "PUT"]),
+       prefix=st.sampled_from(["", "/wd/hub", "/session", "/wd/hub/session", "http://x"]),
+       segments=st.lists(_SEGMENTS, max_size=5))
+def test_route_fast_path_agrees_with_check_target_and_classify(method, prefix, segments):
+    target = prefix + "/" + "/".join(segments)
+    try:
+        check_target(method, target)
+        expected = classify(method, target.split("?", 1)[0])
+    except WebDriverError as err:
+        expected = (err.status, err.error)
+    try:
+        got = route(method, target)
+    except WebDriverError as err:
+        got = (err.status, err.error)
+    assert got == expected
