@@ -231,7 +231,9 @@ class Stack:
 
     def start_haproxy(self, name: str, backends: list[int], *, mode: str) -> tuple[Proc, int]:
         """mode: 'recipe' (balance hdr(Cookie), default keep-alive), 'close' (+http-server-close),
-        'static' (one fast backend, keep-alive). Adds X-Served-By so clients can count placement."""
+        'static' (one fast backend, keep-alive), 'uri' (balance uri: each session path hashed to
+        one backend, keep-alive; the scale part's reference). Adds X-Served-By so clients can
+        count placement."""
         port, = free_ports(1)
         lines = [
             "global",
@@ -253,6 +255,8 @@ class Stack:
             lines.append("  balance hdr(Cookie)")
         if mode == "close":
             lines.append("  option http-server-close")
+        if mode == "uri":
+            lines.append("  balance uri")
         lines.append("  http-response set-header X-Served-By %s")
         for i, bp in enumerate(backends):
             lines.append(f"  server b{i + 1} 127.0.0.1:{bp}")

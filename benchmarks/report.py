@@ -100,10 +100,22 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                 first, last = series[0], series[-1]
                 worst = max(r["cpu_us_per_request"] for r in series)
                 growth = worst / first["cpu_us_per_request"] - 1
+                ref = _haproxy_growth(series)
                 out.append((f"state: CPU/request flat within 10%, {label} {first[label]:,} -> {last[label]:,}",
                             f"{first['cpu_us_per_request']} -> {last['cpu_us_per_request']} us "
-                            f"(worst +{growth * 100:.0f}%)", verdict(growth <= 0.10, f"{(growth - 0.10) * 100:.0f} points")))
+                            f"(worst +{growth * 100:.0f}%){ref}",
+                            verdict(growth <= 0.10, f"{(growth - 0.10) * 100:.0f} points")))
     return out
+
+
+def _haproxy_growth(series: list[dict]) -> str:
+    """HAProxy's own growth over the same backend counts, where the run measured it."""
+    ref = [r["haproxy"] for r in series if "cpu_us_per_request" in r.get("haproxy", {})]
+    if len(ref) < 2 or len(ref) != len(series):
+        return ""
+    worst = max(r["cpu_us_per_request"] for r in ref)
+    return (f"; HAProxy over the same: {ref[0]['cpu_us_per_request']} -> "
+            f"{ref[-1]['cpu_us_per_request']} us (worst +{(worst / ref[0]['cpu_us_per_request'] - 1) * 100:.0f}%)")
 
 
 def _peaks(c: dict) -> str:
@@ -225,6 +237,24 @@ def markdown(results: dict) -> str:
                          f"{r['cpu_us_per_request']} | {_rx(_ratio(r['cpu_us_per_request'], first['cpu_us_per_request']))} | "
                          f"{r['p99_us']} | {r['rss_mib']} | {_f(r.get('creates_per_s'), 0)} | {r['errors'] + r.get('create_errors', 0)} |")
         L.append("")
+        ref = [r for r in sc.get("backends", []) if "haproxy" in r]
+        if ref:
+            L += ["The same backend counts and paths through HAProxy (one thread, `balance uri`: each "
+                  "session path hashed to one backend, keep-alive), for reference:", "",
+                  "| backends | HAProxy req/s | CPU us/request | vs first | stickyproxy CPU us/request | vs first | stickyproxy x HAProxy CPU |",
+                  "|---|---|---|---|---|---|---|"]
+            h0 = next((r["haproxy"] for r in ref if "cpu_us_per_request" in r["haproxy"]), None)
+            s0 = ref[0]
+            for r in ref:
+                h = r["haproxy"]
+                if "error" in h or h0 is None:
+                    L.append(f"| {r['backends']:,} | error: {_one(h.get('error', '?'))} ||||||")
+                    continue
+                L.append(f"| {r['backends']:,} | {h['rps']:.0f} | {h['cpu_us_per_request']} | "
+                         f"{_rx(_ratio(h['cpu_us_per_request'], h0['cpu_us_per_request']))} | "
+                         f"{r['cpu_us_per_request']} | {_rx(_ratio(r['cpu_us_per_request'], s0['cpu_us_per_request']))} | "
+                         f"{_rx(_ratio(r['cpu_us_per_request'], h['cpu_us_per_request']))} |")
+            L.append("")
     t = targets(results)
     if t:
         L += ["## Targets (issue 3)", "", "| target | measured | verdict |", "|---|---|---|"]

@@ -4,7 +4,9 @@ against one nginx worker that answers a unique session id per POST /session ($re
 listens on up to 1,000 ports. Sessions are added incrementally to one proxy; each backend count
 gets a fresh proxy (backends come from a TOML --config file). wrk at 64 connections walks a sample
 of up to 10,000 pinned session paths, so every point pays the same Lua cost; each point is the
-best of two wrk runs (least CPU per request), which damps the noise of a shared machine.
+best of two wrk runs (least CPU per request), which damps the noise of a shared machine. Each
+backend count is also measured through HAProxy (`balance uri`) over the same paths: a reference
+for what touching that many backend connections costs any proxy here.
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ def _measure(stack: Stack, proxy, port: int, ids: list[str], duration: float, re
             "errors": sum(r["errors"] for r in runs), "cpu_us_per_request": best["cpu_us_per_request"],
             "runs": [{"rps": r["rps"], "cpu_us_per_request": r["cpu_us_per_request"]} for r in runs],
             "rss_mib": round(proxy.rss() / 2**20, 1)}
+
+
+def _haproxy(stack: Stack, backends: list[int], ids: list[str], duration: float) -> dict:
+    """The same paths through HAProxy (one thread, `balance uri`, keep-alive) over the same
+    backends: how much of a growth with the backend count any proxy pays on this machine."""
+    proxy = None
+    try:
+        proxy, port = stack.start_haproxy(f"haproxy-scale-{len(backends)}", backends, mode="uri")
+        m = _measure(stack, proxy, port, ids, duration)
+        return {k: m[k] for k in ("rps", "cpu_us_per_request", "p99_us", "errors", "rss_mib")}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        if proxy is not None:
+            stack.stop(proxy)
 
 
 def _grow(port: int, ids: list[str], target: int) -> dict:
@@ -98,6 +115,8 @@ def run(stack: Stack, *, duration: float, session_points=(10, 1_000, 100_000),
                 out["backends"].append(row)
                 log(f"[scale] backends={nb}: {row['rps']} req/s, {row['cpu_us_per_request']} us CPU/req, "
                     f"RSS {row['rss_mib']} MiB, sessions spread on {used}/{nb}")
+                row["haproxy"] = _haproxy(stack, nports[:nb], ids, duration)
+                log(f"[scale] backends={nb}, HAProxy over the same paths: {row['haproxy']}")
             except Exception as e:
                 out["backends"].append({"backends": nb, "error": f"{type(e).__name__}: {e}"})
                 log(f"[scale] backends={nb}: ERROR {e}")
