@@ -308,8 +308,8 @@ class Connection(asyncio.Protocol):
         self.waiting.clear()
         if self.task is not None:
             self.task.cancel()  # the client left: its handler stops (and leaves any queue)
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(gone)
+        if self._drain is not None:
+            self._drain.cancel()  # a streaming handler waiting to write stops (it is cancelled)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.loop.time()

@@ -40,6 +40,12 @@ class Echo:
                 await asyncio.sleep(60)
             if request.target == "/boom":
                 raise RuntimeError("a bug")
+            if request.target == "/flood":  # more than socket buffers hold: writes must wait
+                async def flood():
+                    for _ in range(400):
+                        yield b"x" * 65536
+                await request.stream(200, [JSON], flood())
+                return
             if request.target == "/stream":
                 async def parts():
                     for i in range(3):
@@ -176,6 +182,15 @@ async def test_a_client_that_leaves_cancels_its_handler(port):
     await _until(lambda: "/hang" in port.echo.started)
     writer.close()
     await _until(lambda: port.echo.cancelled == ["/hang"])
+
+
+async def test_a_client_that_stops_reading_a_long_answer_and_leaves_cancels_it(port):
+    reader, writer = await connect(port)
+    writer.write(get("/flood"))
+    await asyncio.wait_for(reader.readexactly(1000), 5)  # the answer has started; read no more
+    await _until(lambda: any(c._drain is not None for c in port.connections))  # write-paused
+    writer.transport.abort()
+    await _until(lambda: port.echo.cancelled == ["/flood"])
 
 
 async def test_idle_connections_are_closed_after_the_idle_timeout(port):
