@@ -168,14 +168,21 @@ def driver(endpoint: str) -> Iterator[webdriver.Remote]:
         drv.quit()
 
 
-def _settled(driver: webdriver.Remote, navigate) -> None:
-    """Navigate, then wait for the new document as a PhantomJS user must: GhostDriver may
-    answer a get or refresh before the new page has replaced the old one (seen in CI)."""
+def _settled(driver: webdriver.Remote, navigate, marker: str) -> None:
+    """Navigate, then wait as a PhantomJS user must until the new document is there with the
+    element `marker`: GhostDriver may answer a get or refresh before the new page has replaced
+    the old one (seen in CI). A wait that fails says what the browser shows instead."""
     driver.execute_script("window.__replaced = false;")
     navigate()
-    wait_for(lambda: driver.execute_script(
-        "return window.__replaced !== false && document.readyState === 'complete';"),
-        10, what="the new document after navigating")
+    try:
+        wait_for(lambda: driver.execute_script(
+            "return window.__replaced !== false && document.readyState === 'complete'"
+            " && !!document.getElementById(arguments[0]);", marker),
+            20, what=f"a new document with #{marker}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the browser shows url={driver.current_url!r} "
+                             f"title={driver.title!r} windows={len(driver.window_handles)} "
+                             f"source={driver.page_source[:300]!r}") from None
 
 
 @pytest.fixture
@@ -189,7 +196,7 @@ def browser(driver, site) -> webdriver.Remote:
     driver.switch_to.default_content()
     driver.set_window_size(1024, 768)
     driver.timeouts = Timeouts(implicit_wait=0, page_load=30, script=5)
-    _settled(driver, lambda: driver.get(site + "/index.html"))
+    _settled(driver, lambda: driver.get(site + "/index.html"), "heading")
     driver.delete_all_cookies()
     return driver
 
@@ -264,7 +271,7 @@ def test_scrape_products_with_css_xpath_and_link_text(browser, site) -> None:
     assert browser.title == "Bridge test shop"
     browser.forward()
     assert browser.title == "Product c"
-    _settled(browser, browser.refresh)
+    _settled(browser, browser.refresh, "product")
     browser.find_element(By.LINK_TEXT, "back").click()
     assert browser.find_element(By.ID, "heading").is_displayed()
 
@@ -427,7 +434,7 @@ def test_alerts_never_block(browser) -> None:
 
 
 def _reload_pointer_page(browser) -> tuple:
-    _settled(browser, browser.refresh)
+    _settled(browser, browser.refresh, "hover-target")
     return tuple(browser.find_element(By.ID, i) for i in ("hover-target", "pointer-log"))
 
 
