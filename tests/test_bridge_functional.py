@@ -186,19 +186,18 @@ def _settled(driver: webdriver.Remote, navigate, marker: str) -> None:
 
 
 @pytest.fixture
-def browser(driver, site) -> webdriver.Remote:
-    """The shared session, reset to a known state: top frame, one window, no cookies."""
-    handles = driver.window_handles
-    for handle in handles[1:]:
-        driver.switch_to.window(handle)
-        driver.close()
-    driver.switch_to.window(handles[0])
-    driver.switch_to.default_content()
-    driver.set_window_size(1024, 768)
-    driver.timeouts = Timeouts(implicit_wait=0, page_load=30, script=5)
-    _settled(driver, lambda: driver.get(site + "/index.html"), "heading")
-    driver.delete_all_cookies()
-    return driver
+def browser(endpoint, site) -> Iterator[webdriver.Remote]:
+    """A session of its own for each test (one test's windows, frames, dialogs or mouse state
+    cannot leak into the next), on the test site's front page."""
+    drv = new_driver(endpoint)
+    try:
+        drv.set_window_size(1024, 768)
+        drv.timeouts = Timeouts(implicit_wait=0, page_load=30, script=5)
+        _settled(drv, lambda: drv.get(site + "/index.html"), "heading")
+        drv.delete_all_cookies()  # PhantomJS keeps one cookie jar for all its sessions
+        yield drv
+    finally:
+        drv.quit()
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
