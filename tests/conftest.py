@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
@@ -48,6 +49,20 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str
         return poll(condition, timeout, what, interval)
     except TimeoutError as exc:
         raise AssertionError(str(exc)) from None
+
+
+async def eventually(condition, timeout: float = 30.0, what: str = "condition",
+                     interval: float = 0.05):
+    """wait_for for a test that runs an event loop: polls without blocking it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def http_json(url: str, method: str = "GET", body=None, headers=None, timeout: float = 30.0):

@@ -17,6 +17,7 @@ import aiohttp
 import docker.api.client
 import pytest
 
+from conftest import eventually
 from stickyproxy.providers import BackendSpec
 from stickyproxy.providers.docker import (
     LABEL_POOL,
@@ -106,17 +107,6 @@ def run(coro):
         logger.removeHandler(slow)
     assert not slow.messages, f"the event loop was blocked: {slow.messages}"
     return result
-
-
-async def eventually(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Running:

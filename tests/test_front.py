@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from conftest import eventually
 from stickyproxy.front import BodyTooLarge, Port, Request
 
 JSON = (b"Content-Type", b"application/json")
@@ -179,18 +180,18 @@ async def test_http10_and_connection_close_end_the_connection_after_the_answer(p
 async def test_a_client_that_leaves_cancels_its_handler(port):
     reader, writer = await connect(port)
     writer.write(get("/hang"))
-    await _until(lambda: "/hang" in port.echo.started)
+    await eventually(lambda: "/hang" in port.echo.started)
     writer.close()
-    await _until(lambda: port.echo.cancelled == ["/hang"])
+    await eventually(lambda: port.echo.cancelled == ["/hang"])
 
 
 async def test_a_client_that_stops_reading_a_long_answer_and_leaves_cancels_it(port):
     reader, writer = await connect(port)
     writer.write(get("/flood"))
     await asyncio.wait_for(reader.readexactly(1000), 5)  # the answer has started; read no more
-    await _until(lambda: any(c._drain is not None for c in port.connections))  # write-paused
+    await eventually(lambda: any(c._drain is not None for c in port.connections))  # write-paused
     writer.transport.abort()
-    await _until(lambda: port.echo.cancelled == ["/flood"])
+    await eventually(lambda: port.echo.cancelled == ["/flood"])
 
 
 async def test_idle_connections_are_closed_after_the_idle_timeout(port):
@@ -234,11 +235,3 @@ async def test_connections_over_the_limit_are_answered_and_closed(port):
     reader, writer = await connect(port)
     status, headers, _ = await read_answer(reader)
     assert status == 429 and headers["connection"] == "close"
-
-
-async def _until(condition, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
