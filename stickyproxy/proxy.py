@@ -98,7 +98,7 @@ async def _route(request: Request, app: App, timing: Timing) -> Reply:
         try:
             route = webdriver.route(request.method, request.target)
         except WebDriverError as err:
-            if err.status == 404:  # not a session id: an answer, not a refusal
+            if err.error == "invalid session id":  # an answer (no such session), not a refusal
                 raise
             raise guard.refuse("bad_request", err, request.remote) from None
         if guard.auth.enabled and route.kind is not Kind.STATUS:

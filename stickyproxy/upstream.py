@@ -42,9 +42,9 @@ class UpstreamError(ConnectionError):
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "status", "headers", "keep_alive", "_head", "_chunks",
-                 "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock", "_paused", "lost", "forward", "length",
-                 "_loop")
+    __slots__ = ("transport", "parser", "status", "forward", "length", "chunked", "keep_alive",
+                 "_head", "_chunks", "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock",
+                 "_paused", "lost", "_loop")
 
     def __init__(self) -> None:
         # Kept once: on 3.11 every get_running_loop() costs a getpid() syscall.
@@ -60,9 +60,9 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
         self.forward = b""  # the end-to-end header lines, as a proxy passes them on
         self.length: int | None = None  # Content-Length, if the answer has one
+        self.chunked = False
         self.keep_alive = False
         self._head: asyncio.Future | None = None
         self._chunks: deque[bytes] = deque()
@@ -109,8 +109,7 @@ class _Connection(asyncio.Protocol):
         return False
 
     def _close_delimited(self) -> bool:
-        names = {name.lower() for name, _ in self.headers}
-        return b"content-length" not in names and b"transfer-encoding" not in names
+        return self.length is None and not self.chunked
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -129,12 +128,13 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
         lower = name.lower()
         if lower not in HOP_BY_HOP:
             self.forward += b"%b: %b\r\n" % (name, value)
         elif lower == b"content-length":
             self.length = int(value)  # httptools has checked it is digits
+        elif lower == b"transfer-encoding":
+            self.chunked = True
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -272,11 +272,10 @@ class Response:
     """One backend answer; the body is read with `read()` or streamed with `chunks()`, then the
     response must be released (`release()`), which returns the connection to the pool."""
 
-    __slots__ = ("status", "headers", "forward", "length", "_conn", "_pool", "_released")
+    __slots__ = ("status", "forward", "length", "_conn", "_pool", "_released")
 
     def __init__(self, conn: _Connection, pool: "Upstream") -> None:
         self.status = conn.status
-        self.headers = conn.headers
         self.forward = conn.forward  # header lines minus hop-by-hop ones, ready to send on
         self.length = conn.length
         self._conn, self._pool, self._released = conn, pool, False

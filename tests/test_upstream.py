@@ -1,10 +1,11 @@
-"""upstream.Slots: the per-backend connection limit (no sockets: asyncio only)."""
+"""upstream.py: the per-backend connection limit (asyncio only) and how answers are read
+(over a real loopback socket)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from stickyproxy.upstream import Slots
+from stickyproxy.upstream import Slots, Upstream
 
 
 async def test_slots_are_taken_without_waiting_until_none_is_free():
@@ -62,3 +63,45 @@ async def test_a_waiter_cancelled_just_after_being_handed_a_slot_passes_it_on():
     await asyncio.gather(waiter, return_exceptions=True)
     assert waiter.cancelled()
     assert slots.free == 1
+
+
+# --- answers framed three ways, from a real socket server -------------------------------------
+
+ANSWERS = {
+    "/length": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kept: yes\r\n\r\nhello",
+    "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n",
+    "/closed": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello",  # ends with the connection
+}
+
+
+async def test_answers_by_length_chunked_or_closed_connection_read_whole():
+    async def serve(reader, writer):  # keep-alive, except where the answer ends by closing
+        while not reader.at_eof():
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            path = head.split()[1].decode()
+            writer.write(ANSWERS[path])
+            await writer.drain()
+            if path == "/closed":
+                break
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = Upstream(f"http://127.0.0.1:{port}", limit=2)
+    try:
+        for path in ANSWERS:
+            answer = await upstream.request("GET", path, [], None, timeout=5)
+            try:
+                assert await answer.read() == b"hello", path
+                assert answer.length == (5 if path == "/length" else None)
+                assert (b"X-Kept: yes\r\n" in answer.forward) == (path == "/length")
+                assert b"Content-Length" not in answer.forward  # hop-by-hop: set by the proxy
+            finally:
+                answer.release()
+    finally:
+        upstream.close()
+        server.close()
+        await server.wait_closed()
