@@ -1,7 +1,7 @@
 """The WebDriver port (:8910): the handler that places new sessions, pins them, and forwards
 every other command to the one backend that holds its session (served by front.py).
 
-Decisions come from pure modules (webdriver.classify, routing.choose, routing.may_retry_elsewhere);
+Decisions come from pure modules (webdriver.route, routing.choose, routing.may_retry_elsewhere);
 this module does the I/O. Bodies are parsed only for `POST /session`, where the session id must be
 learned; every other request and answer streams through untouched.
 """
@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from . import bridge, routes, webdriver
@@ -49,7 +49,7 @@ class App:
     timeout: float  # --backend-timeout
     queue_timeout: float
     key: bytes = b""  # --session-key; b"": ids are the backends' own
-    metrics: Metrics | None = None
+    metrics: Metrics = field(default_factory=lambda: Metrics(dict, process=False))
     access_log: bool = False
 
 
