@@ -86,7 +86,16 @@ def site_app() -> web.Application:
         await asyncio.sleep(SLOW_PAGE_SECONDS)
         return web.Response(text="<html><title>slow</title></html>", content_type="text/html")
 
+    async def no_store(request: web.Request, response: web.StreamResponse) -> None:
+        # PhantomJS keeps one page cache for all its sessions. CI once caught an empty
+        # index.html in it (url right, source `<html><head></head><body></body></html>`), and
+        # every later load in every session got that page from the cache: nothing is kept.
+        response.headers["Cache-Control"] = "no-store"
+        response.headers.pop("Last-Modified", None)
+        response.headers.pop("ETag", None)
+
     app = web.Application()
+    app.on_response_prepare.append(no_store)
     app.router.add_get("/slow", slow)
     app.router.add_static("/", SITE)
     return app
