@@ -146,6 +146,7 @@ def _cpu(phantoms, proxy) -> dict:
     out = {"phantomjs": sum(p.cpu() for p, _ in phantoms)}
     if proxy is not None:
         out["proxy"] = proxy.cpu()
+        out["proxy_system"] = proxy.cpu(system_only=True)  # in the JSON only: kernel vs Python
     return out
 
 

@@ -94,13 +94,14 @@ class Proc:
             pass
         return out
 
-    def cpu(self) -> float:
-        """User+system CPU seconds of the process and its live children."""
+    def cpu(self, system_only: bool = False) -> float:
+        """User+system CPU seconds of the process and its live children (only the kernel's
+        share with `system_only`: for a proxy, mostly its socket calls)."""
         total = 0.0
         for p in self.procs():
             try:
                 t = p.cpu_times()
-                total += t.user + t.system
+                total += t.system if system_only else t.user + t.system
             except psutil.Error:
                 pass
         return total

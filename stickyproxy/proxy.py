@@ -25,7 +25,7 @@ from .queue import QueueFull, SessionQueue
 from .health import DOWN
 from .routing import Attempt, may_retry_elsewhere
 from .sessions import EndReason, Session, SessionTable
-from .upstream import NotConnected, Response, UpstreamError
+from .upstream import WHOLE, NotConnected, Response, UpstreamError
 from .webdriver import Kind, WebDriverError, session_id_of, with_chrome_args
 
 log = logging.getLogger("stickyproxy")
@@ -246,8 +246,8 @@ async def _relay(request: Request, answer: Response, backend: Backend,
     try:
         headers = _answer_headers(answer, backend)
         length = answer.length
-        if length is not None and length <= _BUFFER_LIMIT:
-            body = answer.ready_body()  # usually all here with the head: no await
+        if length is not None and length <= WHOLE:
+            body = answer.ready_body()  # all here: the head was awaited with it
             if body is None:
                 began = time.perf_counter()
                 body = await answer.read()

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
-from stickyproxy.upstream import Slots, Upstream
+import pytest
+
+from stickyproxy.upstream import Deadlines, Slots, Upstream
 
 
 async def test_slots_are_taken_without_waiting_until_none_is_free():
@@ -105,3 +108,112 @@ async def test_answers_by_length_chunked_or_closed_connection_read_whole():
         upstream.close()
         server.close()
         await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def backend(handle):
+    """A loopback server running `handle(reader, writer)` per connection; on exit every
+    connection is closed and its handler has ended (nothing outlives the test's loop)."""
+    tasks: set[asyncio.Task] = set()
+
+    async def serve(reader, writer):
+        tasks.add(asyncio.current_task())
+        try:
+            await handle(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_an_answer_with_a_length_is_awaited_whole_and_a_chunked_one_by_its_head():
+    """GhostDriver sends head and body in separate segments: request() returns once a sized
+    body is all here (one wake-up), but at the head of a chunked one (it may stream long)."""
+    body_sent = {}
+
+    async def serve(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split()[1].decode()
+            if path == "/sized":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the body comes later, in its own segment
+            body_sent[path] = True
+            writer.write(b"hello" if path == "/sized" else b"5\r\nhello\r\n0\r\n\r\n")
+            await writer.drain()
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        try:
+            answer = await upstream.request("GET", "/sized", [], None, timeout=5)
+            assert body_sent.get("/sized") and answer.ready_body() == b"hello"
+            answer.release()
+            answer = await upstream.request("GET", "/chunked", [], None, timeout=5)
+            assert not body_sent.get("/chunked") and answer.ready_body() is None
+            assert await answer.read() == b"hello"
+            answer.release()
+        finally:
+            upstream.close()
+
+
+async def test_a_backend_that_sends_half_an_answer_times_out():
+    """The timeout covers a sized body too: a head without its body is no answer."""
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
+        await writer.drain()
+        await reader.read()  # hangs on purpose until the client gives up
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        try:
+            with pytest.raises(TimeoutError):
+                await upstream.request("GET", "/", [], None, timeout=0.2)
+            assert upstream.in_use == 0 and upstream._slots.free == 1  # nothing held
+        finally:
+            upstream.close()
+
+
+# --- deadlines: one timer for all answers in flight ------------------------------------------
+
+async def test_deadlines_fail_only_what_is_overdue_and_forget_what_finished():
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    slow, fast, late = loop.create_future(), loop.create_future(), loop.create_future()
+    deadlines.add(slow, 0.05)
+    deadlines.add(fast, 0.05)
+    deadlines.add(late, 0.3)
+    fast.set_result("answered")
+    deadlines.discard(fast)
+    await asyncio.sleep(0.1)
+    assert isinstance(slow.exception(), TimeoutError)
+    assert fast.result() == "answered"
+    assert not late.done() and len(deadlines) == 1  # the timer is set again for it
+    with pytest.raises(TimeoutError):
+        await late
+    assert len(deadlines) == 0
+
+
+async def test_a_shorter_deadline_added_later_is_not_held_back_by_a_longer_one():
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    long, short = loop.create_future(), loop.create_future()
+    deadlines.add(long, 30)
+    deadlines.add(short, 0.05)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(short, 5)  # (wait_for only bounds the test)
+    assert not long.done()
+    deadlines.discard(long)
