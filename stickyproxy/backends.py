@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Sequence
 from .health import DOWN, Health, CheckResult
 from .providers import BackendSpec
 from .routes import route_of
-from .routing import Candidate, choose
+from .routing import Candidate, LoadIndex, choose
 from .sessions import EndReason, SessionTable, reason_for_loss
 
 log = logging.getLogger("stickyproxy")
@@ -69,6 +69,8 @@ class Pool:
         self.on_added: list[Listener] = []
         self.on_removed: list[Listener] = []
         self.on_capacity: list[Callable[[], None]] = []  # a slot may have freed: wake the queue
+        self._index = LoadIndex()  # who takes new sessions, by load: kept by _sync
+        sessions.on_count.append(self._sync_id)
 
     def get(self, backend_id: str) -> Backend | None:
         return self.backends.get(backend_id)
@@ -113,7 +115,9 @@ class Pool:
             return
         backend.lost_total += 1
         backend.last_lost = reason
-        if backend.health.force_down():
+        forced = backend.health.force_down()
+        self._sync(backend)
+        if forced:
             log.warning('BACKEND_DOWN backend=%s check=lost reason="%s"', backend_id, reason)
         backend.last_check = CheckResult(False, "lost", f"backend {reason}", time.time())
         self.sessions.end_backend(backend_id, reason_for_loss(reason), f"backend {reason}")
@@ -125,6 +129,7 @@ class Pool:
         if result.dialect:
             backend.dialect = result.dialect
         changed = backend.health.observe(result.ok)
+        self._sync(backend)
         if changed == DOWN:
             log.warning('BACKEND_DOWN backend=%s check=%s reason="%s"', backend.id, result.code,
                         result.reason)
@@ -151,16 +156,43 @@ class Pool:
 
     def pick(self, cookie: str | None, tried: tuple[str, ...] = ()) -> str | None:
         """Choose a backend for a new session and reserve its slot (pending) until `release`."""
-        backend_id = choose(self.candidates(exclude=tried), cookie)
+        if cookie:  # the hash needs every candidate
+            backend_id = choose(self.candidates(exclude=tried), cookie)
+        else:
+            backend_id = self._index.least(tried, self.max_sessions)
+            if backend_id is not None and self._index.load(backend_id) != self._load(backend_id):
+                # Changed behind the pool's back (never by its own methods): rebuilt, and
+                # this once chosen by a scan, so a stale index cannot misplace a session.
+                log.warning("PLACEMENT_INDEX_REBUILT backend=%s", backend_id)
+                for backend in self.backends.values():
+                    self._sync(backend)
+                backend_id = choose(self.candidates(exclude=tried))
         if backend_id is not None:
-            self.backends[backend_id].pending += 1
+            backend = self.backends[backend_id]
+            backend.pending += 1
+            self._sync(backend)
         return backend_id
 
     def release(self, backend_id: str) -> None:
         backend = self.backends.get(backend_id)
         if backend is not None:
             backend.pending -= 1
+            self._sync(backend)
         self.capacity_changed()
+
+    def _load(self, backend_id: str) -> int | None:
+        """What the index should hold for a backend: its load, or None if it takes none."""
+        backend = self.backends.get(backend_id)
+        if backend is None or not backend.takes_new_sessions:
+            return None
+        return self.sessions.per_backend.get(backend_id, 0) + backend.pending
+
+    def _sync(self, backend: Backend) -> None:
+        self._index.set(backend.id, self._load(backend.id))
+
+    def _sync_id(self, backend_id: str) -> None:
+        if backend_id in self.backends:
+            self._index.set(backend_id, self._load(backend_id))
 
     def could_take(self, tried: Iterable[str] = ()) -> bool:
         """Is any backend taking new sessions, full or not? (If not, queueing is pointless.)"""
@@ -176,6 +208,7 @@ class Pool:
         backend = self.backends.get(backend_id)
         if backend is not None and backend.admin != DRAIN:
             backend.admin, backend.drain_reason, backend.recycling = DRAIN, reason, recycling
+            self._sync(backend)
             log.info('BACKEND_DRAINING backend=%s reason="%s"', backend_id, reason)
         return backend
 
@@ -183,6 +216,7 @@ class Pool:
         backend = self.backends.get(backend_id)
         if backend is not None and backend.admin == DRAIN and not backend.recycling:
             backend.admin, backend.drain_reason = READY, ""
+            self._sync(backend)
             log.info("BACKEND_READY backend=%s", backend_id)
             self.capacity_changed()
         return backend
@@ -190,6 +224,7 @@ class Pool:
     def _add(self, spec: BackendSpec) -> None:
         backend = Backend(spec, Health(self.rise, self.fall))
         self.backends[spec.id] = backend
+        self._sync(backend)
         self.by_route[route_of(spec.url)] = spec.id
         log.info("BACKEND_ADDED backend=%s url=%s source=%s", spec.id, spec.url, spec.source)
         for listener in self.on_added:
@@ -199,6 +234,7 @@ class Pool:
         backend = self.backends.pop(backend_id, None)
         if backend is None:
             return
+        self._index.set(backend_id, None)
         if self.by_route.get(route_of(backend.spec.url)) == backend_id:
             del self.by_route[route_of(backend.spec.url)]
         self.sessions.end_backend(backend_id, EndReason.BACKEND_DOWN, f"backend {why}")

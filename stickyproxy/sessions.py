@@ -81,6 +81,7 @@ class SessionTable:
     learned_total: int = 0
     _ended: OrderedDict = field(default_factory=OrderedDict)
     on_end: list = field(default_factory=list)  # callables: a slot freed
+    on_count: list = field(default_factory=list)  # callables(backend_id): its live count changed
 
     def __len__(self) -> int:
         return len(self.live)
@@ -98,6 +99,8 @@ class SessionTable:
         self.peak[session.backend_id] = max(self.peak[session.backend_id],
                                             self.per_backend[session.backend_id])
         self._ended.pop(session.id, None)
+        for listener in self.on_count:
+            listener(session.backend_id)
         log.info("SESSION_%s session=%s backend=%s", "LEARNED" if session.learned else "CREATED",
                  session.id, session.backend_id)
 
@@ -108,6 +111,8 @@ class SessionTable:
         self.per_backend[session.backend_id] -= 1
         if self.per_backend[session.backend_id] <= 0:
             del self.per_backend[session.backend_id]
+        for listener in self.on_count:  # before on_end: the queue it wakes places by these
+            listener(session.backend_id)
         self.ended_by_reason[reason.value] += 1
         self.ended_by_backend.setdefault(session.backend_id, Counter())[reason.value] += 1
         self._ended[sid] = Ended(session.backend_id, reason, detail)

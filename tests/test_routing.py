@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from stickyproxy.routing import Attempt, Candidate, choose, may_retry_elsewhere, rendezvous
+from stickyproxy.routing import (Attempt, Candidate, LoadIndex, choose, may_retry_elsewhere,
+                                 rendezvous)
 
 
 @pytest.mark.parametrize("loads, expected", [
@@ -61,3 +62,56 @@ def test_rendezvous_agrees_across_processes():
 ])
 def test_only_a_request_that_never_left_may_go_elsewhere(attempt, allowed):
     assert may_retry_elsewhere(attempt) is allowed
+
+
+# --- LoadIndex: the same choice as `choose`, without a scan -----------------------------------
+
+def test_the_index_picks_among_the_least_loaded_at_random():
+    index = LoadIndex()
+    for backend_id, load in {"a": 2, "b": 1, "c": 1, "d": 3}.items():
+        index.set(backend_id, load)
+    picks = {index.least(rng=random.Random(seed)) for seed in range(50)}
+    assert picks == {"b", "c"}
+
+
+def test_the_index_follows_moves_and_removals():
+    index = LoadIndex()
+    for backend_id in "abc":
+        index.set(backend_id, 0)
+    index.set("a", 1)
+    index.set("b", None)  # stopped taking sessions
+    assert "b" not in index and len(index) == 2
+    assert index.least() == "c"
+    index.set("c", 2)
+    assert index.least() == "a"
+    index.set("a", None)
+    index.set("c", None)
+    assert index.least() is None and len(index) == 0
+
+
+def test_the_index_skips_excluded_and_full_backends():
+    index = LoadIndex()
+    for backend_id, load in {"a": 0, "b": 0, "c": 1, "d": 2}.items():
+        index.set(backend_id, load)
+    assert {index.least(exclude=("a", "b"), rng=random.Random(s)) for s in range(20)} == {"c"}
+    assert index.least(exclude=("a", "b", "c")) == "d"
+    assert index.least(exclude=("a", "b", "c"), cap=2) is None  # d is full
+    assert index.least(exclude=("a", "b", "c", "d")) is None
+
+
+def test_the_index_agrees_with_choose_over_random_changes():
+    rng = random.Random(5)
+    index, loads = LoadIndex(), {}
+    for _ in range(3000):
+        backend_id = f"b{rng.randrange(30)}"
+        load = None if rng.random() < 0.2 else rng.randrange(6)
+        index.set(backend_id, load)
+        if load is None:
+            loads.pop(backend_id, None)
+        else:
+            loads[backend_id] = load
+        tried = tuple(rng.sample(sorted(loads), min(len(loads), rng.randrange(3))))
+        left = {k: v for k, v in loads.items() if k not in tried}
+        best = {k for k, v in left.items() if v == min(left.values())} if left else {None}
+        assert index.least(exclude=tried, rng=rng) in best
+        assert len(index) == len(loads)

@@ -1,0 +1,84 @@
+"""backends.Pool without sockets: its placement index stays what a scan of the pool would find,
+whatever happens to sessions, checks, drains and membership."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from stickyproxy.backends import Pool
+from stickyproxy.health import CheckResult
+from stickyproxy.providers import BackendSpec
+from stickyproxy.sessions import EndReason, Session, SessionTable
+
+OK, BAD = CheckResult(True, "ok", "up"), CheckResult(False, "refused", "connection refused")
+
+
+def _pool(n: int, max_sessions: int = 0) -> Pool:
+    pool = Pool(rise=1, fall=1, sessions=SessionTable(), max_sessions=max_sessions)
+    pool.publish("static", [BackendSpec(f"static-{i}", f"http://127.0.0.1:{9000 + i}", "static")
+                            for i in range(n)])
+    for backend in pool:
+        pool.record_check(backend, OK)
+    return pool
+
+
+def _scan(pool: Pool) -> dict[str, int]:
+    """What the index must hold: the load of every backend taking new sessions."""
+    return {b.id: pool.sessions.per_backend.get(b.id, 0) + b.pending
+            for b in pool if b.takes_new_sessions}
+
+
+def test_placement_spreads_new_sessions_evenly():
+    pool = _pool(4)
+    now = time.monotonic()
+    for i in range(40):
+        backend_id = pool.pick(None)
+        pool.sessions.pin(Session(f"s{i}", backend_id, "", now, now))
+        pool.release(backend_id)
+    assert set(pool.sessions.per_backend.values()) == {10}
+
+
+def test_the_index_matches_a_scan_whatever_the_pool_goes_through():
+    rng = random.Random(11)
+    pool = _pool(6, max_sessions=4)
+    now, live, pending, n = time.monotonic(), [], [], 0
+    for step in range(4000):
+        op = rng.random()
+        if op < 0.35:
+            tried = tuple(rng.sample(sorted(pool.backends), rng.randrange(2)))
+            candidates = {c.id: c.load for c in pool.candidates(exclude=tried)}
+            picked = pool.pick(None, tried)
+            if candidates:
+                assert candidates[picked] == min(candidates.values()), step
+                pending.append(picked)
+            else:
+                assert picked is None, step
+        elif op < 0.55 and pending:
+            backend_id = pending.pop(rng.randrange(len(pending)))
+            if rng.random() < 0.7 and backend_id in pool.backends:  # the session was created
+                n += 1
+                pool.sessions.pin(Session(f"s{n}", backend_id, "", now, now))
+                live.append(f"s{n}")
+            pool.release(backend_id)
+        elif op < 0.75 and live:
+            pool.sessions.end(live.pop(rng.randrange(len(live))), EndReason.CLIENT_DELETE)
+        elif op < 0.85:
+            backend = rng.choice(list(pool))
+            pool.record_check(backend, OK if rng.random() < 0.6 else BAD)
+        elif op < 0.93:
+            backend_id = rng.choice(sorted(pool.backends))
+            if rng.random() < 0.5:
+                pool.drain(backend_id, "admin")
+            else:
+                pool.undrain(backend_id)
+        elif op < 0.96:
+            pool.lost(rng.choice(sorted(pool.backends)), "exited")
+            live = [s for s in live if pool.sessions.get(s)]
+        else:  # a backend leaves or comes back
+            ids = rng.sample(range(8), 6)
+            pool.publish("static", [BackendSpec(f"static-{i}", f"http://127.0.0.1:{9000 + i}",
+                                                "static") for i in ids])
+            live = [s for s in live if pool.sessions.get(s)]
+            pending = [b for b in pending if b in pool.backends]
+        assert pool._index._load == _scan(pool), step
