@@ -105,6 +105,15 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                             f"{first['cpu_us_per_request']} -> {last['cpu_us_per_request']} us "
                             f"(worst +{growth * 100:.0f}%){ref}",
                             verdict(growth <= 0.10, f"{(growth - 0.10) * 100:.0f} points")))
+                for key, what in (("pinned_ns", "routing decision per command"),
+                                  ("placement_ns", "placement per new session")):
+                    costs = [r.get("routing", {}).get(key) for r in series]
+                    if None in costs:
+                        continue
+                    g = max(costs) / costs[0] - 1
+                    out.append((f"state: {what} flat within 10%, {label} {first[label]:,} -> {last[label]:,}",
+                                f"{costs[0]} -> {costs[-1]} ns (worst +{g * 100:.0f}%; in-process, no sockets)",
+                                verdict(g <= 0.10, f"{(g - 0.10) * 100:.0f} points")))
     return out
 
 
@@ -223,19 +232,22 @@ def markdown(results: dict) -> str:
               f"wrk, 64 connections, {m.get('wrk_s')} s, walking up to 10,000 pinned session paths. "
               "Sessions grow on one proxy with 4 backends; each backend count is a fresh proxy with "
               f"{m.get('scale_backend_sessions', 1000):,} sessions (backends from a `--config` TOML file). "
-              "Creation rate is 64 concurrent `POST /session` through the proxy.", "",
-              "| sessions | backends | req/s | vs first | CPU us/request | vs first | p99 us | RSS MiB | creates/s | errors |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "Creation rate is 64 concurrent `POST /session` through the proxy. Routing and placement "
+              "are the decisions alone, timed in-process on the same state (`routing_cost.py`: route, "
+              "session, backend and its health for a command; `Pool.pick` for a new session).", "",
+              "| sessions | backends | req/s | vs first | CPU us/request | vs first | p99 us | RSS MiB | creates/s | errors | routing ns | placement ns |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in ("sessions", "backends"):
             rows = sc.get(key, [])
             first = next((r for r in rows if "error" not in r), None)
             for r in rows:
                 if "error" in r:
-                    L.append(f"| {r.get('sessions', '-')} | {r.get('backends', '-')} | error: {_one(r['error'])} |||||||")
+                    L.append(f"| {r.get('sessions', '-')} | {r.get('backends', '-')} | error: {_one(r['error'])} |||||||||")
                     continue
                 L.append(f"| {r['sessions']:,} | {r['backends']:,} | {r['rps']:.0f} | {_rx(_ratio(r['rps'], first['rps']))} | "
                          f"{r['cpu_us_per_request']} | {_rx(_ratio(r['cpu_us_per_request'], first['cpu_us_per_request']))} | "
-                         f"{r['p99_us']} | {r['rss_mib']} | {_f(r.get('creates_per_s'), 0)} | {r['errors'] + r.get('create_errors', 0)} |")
+                         f"{r['p99_us']} | {r['rss_mib']} | {_f(r.get('creates_per_s'), 0)} | {r['errors'] + r.get('create_errors', 0)} | "
+                         f"{_f(r.get('routing', {}).get('pinned_ns'), 0)} | {_f(r.get('routing', {}).get('placement_ns'), 0)} |")
         L.append("")
         ref = [r for r in sc.get("backends", []) if "haproxy" in r]
         if ref:

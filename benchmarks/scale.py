@@ -6,13 +6,20 @@ gets a fresh proxy (backends come from a TOML --config file). wrk at 64 connecti
 of up to 10,000 pinned session paths, so every point pays the same Lua cost; each point is the
 best of two wrk runs (least CPU per request), which damps the noise of a shared machine. Each
 backend count is also measured through HAProxy (`balance uri`) over the same paths: a reference
-for what touching that many backend connections costs any proxy here.
+for what touching that many backend connections costs any proxy here. Each point also times the
+routing decisions alone, in-process on the same state size (`routing_cost.py`): the part of a
+request's cost that depends on the state, apart from sockets.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from .loadgen import create_sessions, wrk_run
 from .e2e import wait_all_up
@@ -56,6 +63,20 @@ def _haproxy(stack: Stack, backends: list[int], ids: list[str], duration: float)
             stack.stop(proxy)
 
 
+def _routing_cost(stack: Stack, sessions: int, backends: int) -> dict:
+    """routing_cost.py on the stickyproxy being measured (its snapshot, not the working tree)."""
+    try:
+        r = subprocess.run([sys.executable, str(Path(__file__).with_name("routing_cost.py")),
+                            str(sessions), str(backends)], capture_output=True, text=True,
+                           cwd=stack.sp_path, env=dict(os.environ, PYTHONPATH=stack.sp_path),
+                           timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"error": "routing_cost.py ran over 300 s"}
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]}
+    return json.loads(r.stdout)
+
+
 def _grow(port: int, ids: list[str], target: int) -> dict:
     t0 = time.monotonic()
     need = target - len(ids)
@@ -84,7 +105,8 @@ def run(stack: Stack, *, duration: float, session_points=(10, 1_000, 100_000),
                 g = _grow(port, ids, target)
                 st = fetch_json(sport, "/stats")
                 row = {"sessions": target, "backends": 4, **g, **_measure(stack, proxy, port, ids, duration),
-                       "stats_sessions_active": st.get("sessions_active")}
+                       "stats_sessions_active": st.get("sessions_active"),
+                       "routing": _routing_cost(stack, target, 4)}
                 out["sessions"].append(row)
                 log(f"[scale] sessions={target}: {row['rps']} req/s, {row['cpu_us_per_request']} us CPU/req, "
                     f"RSS {row['rss_mib']} MiB, created {g['created']} at {g['creates_per_s']}/s "
@@ -111,7 +133,8 @@ def run(stack: Stack, *, duration: float, session_points=(10, 1_000, 100_000),
                 row = {"sessions": backend_sessions, "backends": nb, **g, "rss_idle_mib": rss_idle,
                        "all_up_s": t_up,
                        **_measure(stack, proxy, port, ids, duration), "backends_with_sessions": used,
-                       "stats_backends": len(st.get("backends", []))}
+                       "stats_backends": len(st.get("backends", [])),
+                       "routing": _routing_cost(stack, backend_sessions, nb)}
                 out["backends"].append(row)
                 log(f"[scale] backends={nb}: {row['rps']} req/s, {row['cpu_us_per_request']} us CPU/req, "
                     f"RSS {row['rss_mib']} MiB, sessions spread on {used}/{nb}")
