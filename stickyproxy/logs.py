@@ -60,6 +60,10 @@ class JSONFormatter(logging.Formatter):
 
 def setup(level: str, fmt: str = "text", stream=None) -> None:
     """Configure the root logger once, for `stickyproxy serve`."""
+    # Neither format shows them, and each record would look them up (the logging HOWTO's
+    # "Optimization"): the caller's frame, thread, process and multiprocessing names.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()

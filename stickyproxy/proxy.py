@@ -199,8 +199,25 @@ async def _session_command(request: Request, app: App, sid: str, kind: Kind,
     if kind is Kind.DELETE_SESSION:
         # Forwarded and answered: whatever the backend said, the client is done with it.
         sessions.end(sid, EndReason.CLIENT_DELETE)
+    if not session.rewritten:
+        reply = _whole(answer, backend)  # the usual answer: all here, passed on as it is
+        if reply is not None:
+            return reply
     return await _relay(request, answer, backend, sid,
                         session.backend_sid if session.rewritten else None)
+
+
+def _whole(answer: Response, backend: Backend) -> Reply | None:
+    """A small answer that has all arrived, as the reply (and its connection released); None
+    when it must be read, streamed or rewritten by `_relay` (no coroutine for the usual case)."""
+    length = answer.length
+    if length is None or length > WHOLE:
+        return None
+    body = answer.ready_body()
+    if body is None:
+        return None
+    answer.release()
+    return Reply(answer.status, _answer_headers(answer, backend), body)
 
 
 def _learn(request: Request, app: App, public: str) -> Session | None:

@@ -57,6 +57,7 @@ class _Connection(asyncio.Protocol):
         # One parser for the connection's life: llhttp reads answer after answer on a
         # keep-alive connection (a connection whose answer broke off is never reused).
         self.parser = httptools.HttpResponseParser(self)
+        self._chunks: deque[bytes] = deque()
         self._reset()
 
     def _reset(self) -> None:
@@ -66,7 +67,7 @@ class _Connection(asyncio.Protocol):
         self.chunked = False
         self.keep_alive = False
         self._head: asyncio.Future | None = None
-        self._chunks: deque[bytes] = deque()
+        self._chunks.clear()  # (one deque for the connection's life: no allocation per answer)
         self._buffered = 0
         self._done = False
         self._waiter: asyncio.Future | None = None
