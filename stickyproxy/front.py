@@ -36,6 +36,7 @@ _HIGH_WATER = 1 << 20  # buffered body bytes before the client is told to wait (
 _MAX_PIPELINED = 16  # parsed requests waiting behind the one being served
 _WHOLE = 64 << 10  # a body up to this size is received before its handler starts
 Header = tuple[bytes, bytes]
+_METHODS = {m.encode(): m for m in ("GET", "POST", "DELETE", "PUT", "HEAD", "OPTIONS", "PATCH")}
 
 
 class BadRequest(Exception):
@@ -398,10 +399,6 @@ class Connection(asyncio.Protocol):
 
     # --- parsing (httptools callbacks) ---------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._url, self._headers, self._forward = b"", [], b""
-        self._length, self._chunked, self._expect = None, False, False
-
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self.port.max_header_size:
@@ -428,14 +425,19 @@ class Connection(asyncio.Protocol):
         parser = self.parser
         has_body = self._chunked or bool(self._length)
         body = Body(self, self.port.max_body) if has_body else None
-        request = Request(self, parser.get_method().decode("latin-1"),
+        method = parser.get_method()
+        request = Request(self, _METHODS.get(method) or method.decode("latin-1"),
                           self._url.decode("latin-1"), self._headers, self._forward, self._length,
                           self._chunked, parser.should_keep_alive(),
                           parser.get_http_version() == "1.0", body)
+        expect = self._expect
+        # Ready for the next message here, not in on_message_begin: one callback less each.
+        self._url, self._headers, self._forward = b"", [], b""
+        self._length, self._chunked, self._expect = None, False, False
         self._parsing = request if has_body else None
-        if self._expect and has_body:
+        if expect and has_body:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
-        if has_body and not self._chunked and self._length <= _WHOLE:
+        if has_body and not request.chunked and request.content_length <= _WHOLE:
             return  # served once its body is here (on_message_complete): one wake-up, not two
         self._enqueue(request)
 
