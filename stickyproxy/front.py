@@ -176,6 +176,11 @@ class Request:
         """Answer with a whole body: status line, headers and body in one write."""
         self.sent = True
         close = close or not self.keep_alive
+        if isinstance(headers, bytes) and self.method != "HEAD":  # the proxied answer: one format
+            self._conn.write(b"HTTP/1.1 %d %b\r\n%b%bContent-Length: %d\r\n\r\n%b" % (
+                status, _REASONS.get(status, b"Unknown"), headers,
+                b"Connection: close\r\n" if close else b"", len(body), body), close)
+            return
         head = self._conn.head(status, headers, close)
         head += b"Content-Length: %d\r\n\r\n" % len(body)
         self._conn.write(head + body if self.method != "HEAD" else head, close)

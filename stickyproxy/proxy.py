@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable
 
 from . import bridge, routes, webdriver
 from .backends import Backend, Pool
@@ -76,7 +76,11 @@ async def handle(request: Request) -> None:
     timing = request.timing = Timing(time.perf_counter())
     status = 500  # an exception we did not expect: front.py answers 500
     try:
-        reply = await _route(request, app, timing)
+        try:
+            step = _route(request, app, timing)
+            reply = step if type(step) is Reply else await step
+        except WebDriverError as err:
+            reply = error_response(err)
         status = reply.status
         if reply.body is not None and not request.sent:
             request.send(reply.status, reply.headers, reply.body, close=reply.close)
@@ -92,34 +96,34 @@ async def handle(request: Request) -> None:
                             request.path, status, elapsed * 1000)
 
 
-async def _route(request: Request, app: App, timing: Timing) -> Reply:
+def _route(request: Request, app: App, timing: Timing) -> Reply | Awaitable[Reply]:
+    """The checks every request passes, then its handler: a Reply, or the coroutine that will
+    make one (awaited by `handle`: no coroutine frame of its own per command). Refusals and
+    WebDriver errors are raised, and `handle` answers them."""
     guard = app.guard
     try:
-        try:
-            route = webdriver.route(request.method, request.target)
-        except WebDriverError as err:
-            if err.error == "invalid session id":  # an answer (no such session), not a refusal
-                raise
-            raise guard.refuse("bad_request", err, request.remote) from None
-        if guard.auth.enabled and route.kind is not Kind.STATUS:
-            verdict = guard.auth.check(request.headers.get("authorization"))
-            if not verdict.ok:
-                raise guard.refuse("auth", guard.unauthenticated(verdict.reason), request.remote)
-            request.principal = verdict.principal
-        length = request.content_length
-        if length is not None and length > guard.max_body:
-            raise guard.refuse("body_too_large", guard.too_large(length), request.remote)
-        if route.kind is Kind.SESSION or route.kind is Kind.DELETE_SESSION:
-            timing.kind, timing.session = "command", route.session_id
-            return await _session_command(request, app, route.session_id, route.kind, route.rest)
-        if route.kind is Kind.NEW_SESSION:
-            timing.kind = "new_session"
-            return await _new_session(request, app)
-        if route.kind is Kind.STATUS:
-            return _status(app.pool)
-        raise WebDriverError.unknown_command(request.method, request.path)
+        route = webdriver.route(request.method, request.target)
     except WebDriverError as err:
-        return error_response(err)
+        if err.error == "invalid session id":  # an answer (no such session), not a refusal
+            raise
+        raise guard.refuse("bad_request", err, request.remote) from None
+    if guard.auth.enabled and route.kind is not Kind.STATUS:
+        verdict = guard.auth.check(request.headers.get("authorization"))
+        if not verdict.ok:
+            raise guard.refuse("auth", guard.unauthenticated(verdict.reason), request.remote)
+        request.principal = verdict.principal
+    length = request.content_length
+    if length is not None and length > guard.max_body:
+        raise guard.refuse("body_too_large", guard.too_large(length), request.remote)
+    if route.kind is Kind.SESSION or route.kind is Kind.DELETE_SESSION:
+        timing.kind, timing.session = "command", route.session_id
+        return _session_command(request, app, route.session_id, route.kind, route.rest)
+    if route.kind is Kind.NEW_SESSION:
+        timing.kind = "new_session"
+        return _new_session(request, app)
+    if route.kind is Kind.STATUS:
+        return _status(app.pool)
+    raise WebDriverError.unknown_command(request.method, request.path)
 
 
 def _status(pool: Pool) -> Reply:

@@ -374,6 +374,7 @@ class Upstream:
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.base_path = parts.path.rstrip("/")
+        self._base = self.base_path.encode()
         self.ssl = parts.scheme == "https"
         self.unix_socket = unix_socket
         self.host_header = parts.netloc.encode()
@@ -402,6 +403,9 @@ class Upstream:
              length: int | None) -> bytes:
         """The request head: `headers` as (name, value) pairs (hop-by-hop ones are dropped here)
         or as header lines a server already filtered (front.Request.forward)."""
+        if isinstance(headers, bytes) and length is not None:  # the usual command: one format
+            return b"%b %b%b HTTP/1.1\r\nHost: %b\r\n%bContent-Length: %d\r\n\r\n" % (
+                method.encode(), self._base, target.encode(), self.host_header, headers, length)
         lines = [f"{method} {self.base_path}{target} HTTP/1.1\r\n".encode(),
                  b"Host: ", self.host_header, b"\r\n"]
         if isinstance(headers, bytes):
