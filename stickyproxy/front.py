@@ -493,7 +493,8 @@ class Connection(asyncio.Protocol):
                     self._next = None
                 continue
             request = self.waiting.popleft()
-            self.resume_reading()
+            if self.paused:
+                self.resume_reading()
             self.busy = True
             try:
                 await self.port.handler(request)

@@ -172,7 +172,7 @@ async def _session_command(request: Request, app: App, sid: str, kind: Kind,
                  + (f" ({ended.detail})" if ended.detail else ""))
     timing = request.timing
     timing.backend_id = session.backend_id
-    backend = app.pool.get(session.backend_id)
+    backend = app.pool.backends.get(session.backend_id)
     if backend is None or backend.health.state == DOWN:
         why = (backend.last_check.reason if backend and backend.last_check else "removed")
         raise WebDriverError.backend_unavailable(sid, session.backend_id, f"down: {why}")
@@ -183,7 +183,8 @@ async def _session_command(request: Request, app: App, sid: str, kind: Kind,
     backend.requests_total += 1
     body, length = (None, 0) if request.body is None else await _body(request, app.guard)
     target = request.target
-    if session.rewritten:  # the backend knows its session by its own id, in paths and bodies
+    rewritten = session.backend_sid != sid
+    if rewritten:  # the backend knows its session by its own id, in paths and bodies
         target = target.replace(sid, session.backend_sid, 1)
         body, length = _rewrite(body, length, sid.encode(), session.backend_sid.encode())
     began = time.perf_counter()  # inline, not timing.on_backend: one coroutine less per command
@@ -203,12 +204,11 @@ async def _session_command(request: Request, app: App, sid: str, kind: Kind,
     if kind is Kind.DELETE_SESSION:
         # Forwarded and answered: whatever the backend said, the client is done with it.
         sessions.end(sid, EndReason.CLIENT_DELETE)
-    if not session.rewritten:
+    if not rewritten:
         reply = _whole(answer, backend)  # the usual answer: all here, passed on as it is
         if reply is not None:
             return reply
-    return await _relay(request, answer, backend, sid,
-                        session.backend_sid if session.rewritten else None)
+    return await _relay(request, answer, backend, sid, session.backend_sid if rewritten else None)
 
 
 def _whole(answer: Response, backend: Backend) -> Reply | None:

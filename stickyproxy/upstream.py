@@ -430,13 +430,13 @@ class Upstream:
         Raises NotConnected when no connection could be opened (the request was not sent) and
         UpstreamError / TimeoutError after it may have been sent.
         """
-        if isinstance(body, (bytes, bytearray)):
-            length = len(body)
-        elif body is None:
+        if body is None:  # most commands are GETs
             length = 0
+        elif isinstance(body, (bytes, bytearray)):
+            length = len(body)
         head = self.head(method, target, headers, length)
         slots = self._slots
-        if slots.free > 0 and not slots.waiting:  # inline: a coroutine call costs ~1 us
+        if slots.free > 0 and not slots._waiters:  # inline: a coroutine call costs ~1 us
             slots.free -= 1
         else:
             await slots.acquire()
