@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 
 def scrape(driver, site: str) -> dict:
@@ -43,6 +44,9 @@ def scrape(driver, site: str) -> dict:
     driver.find_element(By.ID, "qty").send_keys("3")
     driver.find_element(By.ID, "gift").click()
     driver.find_element(By.ID, "order").submit()
+    # Selenium 4 submits by script on a W3C browser and does not wait for the next page (a real
+    # scraper waits for what it reads next, as here).
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "got-name"))
     out["order"] = {k: driver.find_element(By.ID, f"got-{k}").text for k in ("name", "qty", "gift")}
 
     # Content built by JavaScript, some of it late; sync and async scripts.
