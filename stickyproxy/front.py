@@ -175,15 +175,8 @@ class Request:
              close: bool = False) -> None:
         """Answer with a whole body: status line, headers and body in one write."""
         self.sent = True
-        close = close or not self.keep_alive
-        if isinstance(headers, bytes) and self.method != "HEAD":  # the proxied answer: one format
-            self._conn.write(b"HTTP/1.1 %d %b\r\n%b%bContent-Length: %d\r\n\r\n%b" % (
-                status, _REASONS.get(status, b"Unknown"), headers,
-                b"Connection: close\r\n" if close else b"", len(body), body), close)
-            return
-        head = self._conn.head(status, headers, close)
-        head += b"Content-Length: %d\r\n\r\n" % len(body)
-        self._conn.write(head + body if self.method != "HEAD" else head, close)
+        self._conn.answer(status, headers, body if self.method != "HEAD" else b"",
+                          close or not self.keep_alive, len(body))
 
     async def stream(self, status: int, headers: Iterable[Header] | bytes,
                      chunks: AsyncIterator[bytes],
@@ -199,7 +192,7 @@ class Request:
         elif framed:
             head += b"Transfer-Encoding: chunked\r\n"
         conn = self._conn
-        conn.write(bytes(head + b"\r\n"), False)
+        conn.write(head + b"\r\n", False)
         async for chunk in chunks:
             if chunk:
                 conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if framed else chunk, False)
@@ -294,8 +287,7 @@ class Connection(asyncio.Protocol):
         if port.max_connections and len(port.connections) > port.max_connections:
             status, headers, body = port.on_too_many(self.remote)
             self.closing = True
-            self.write(self.head(status, headers, True)
-                       + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), True)
+            self.answer(status, headers, body, True)
             return
         self.last_active = self.loop.time()
         self._idle = self.loop.call_later(port.idle_timeout, self._check_idle)
@@ -380,17 +372,19 @@ class Connection(asyncio.Protocol):
     # --- writing -------------------------------------------------------------------------------
 
     @staticmethod
-    def head(status: int, headers: Iterable[Header] | bytes, close: bool) -> bytearray:
+    def head(status: int, headers: Iterable[Header] | bytes, close: bool) -> bytes:
         """Status line and headers: (name, value) pairs, or header lines already joined."""
-        head = bytearray(b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown")))
-        if isinstance(headers, (bytes, bytearray)):
-            head += headers
-        else:
-            for name, value in headers:
-                head += b"%b: %b\r\n" % (name, value)
-        if close:
-            head += b"Connection: close\r\n"
-        return head
+        if not isinstance(headers, (bytes, bytearray)):
+            headers = b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers)
+        return b"HTTP/1.1 %d %b\r\n%b%b" % (status, _REASONS.get(status, b"Unknown"), headers,
+                                            b"Connection: close\r\n" if close else b"")
+
+    def answer(self, status: int, headers: Iterable[Header] | bytes, body: bytes, close: bool,
+               length: int | None = None) -> None:
+        """A whole answer in one write (`length`: a HEAD answer's, whose body is not sent)."""
+        self.write(b"%bContent-Length: %d\r\n\r\n%b" % (
+            self.head(status, headers, close), len(body) if length is None else length, body),
+            close)
 
     def write(self, data: bytes | bytearray, close: bool) -> None:
         transport = self.transport
@@ -473,8 +467,7 @@ class Connection(asyncio.Protocol):
 
     def _answer_bad(self) -> None:
         status, headers, body = self.port.on_bad_request(self.broken or "unreadable", self.remote)
-        self.write(self.head(status, headers, True)
-                   + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), True)
+        self.answer(status, headers, body, True)
 
     # --- serving -------------------------------------------------------------------------------
 
@@ -506,8 +499,7 @@ class Connection(asyncio.Protocol):
                 if not request.sent:
                     status, headers, body = self.port.on_bad_request(None, self.remote)
                     request.sent = True
-                    self.write(self.head(status, headers, True)
-                               + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), True)
+                    self.answer(status, headers, body, True)
             finally:
                 self.busy = False
             if (self.closing or not request.keep_alive

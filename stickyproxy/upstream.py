@@ -242,55 +242,6 @@ def _expire(future: asyncio.Future) -> None:
         future.set_exception(TimeoutError())
 
 
-class Deadlines:
-    """Timeouts of the answers in flight on one backend, kept by one timer instead of one each.
-
-    A timer per request (call_later + cancel) cost about 2 us of the proxy's CPU per command,
-    and nearly every one was cancelled unused. Here a request costs a dict entry; the one timer
-    is set for the earliest deadline and, when it fires, fails what is overdue and is set again
-    for the earliest left. With one timeout for all commands that is about once per timeout.
-    """
-
-    __slots__ = ("_loop", "_due", "_timer", "_at")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._due: dict[asyncio.Future, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._at = float("inf")
-
-    def __len__(self) -> int:
-        return len(self._due)
-
-    def add(self, future: asyncio.Future, timeout: float) -> None:
-        """Fail `future` with TimeoutError if it is not done `timeout` seconds from now."""
-        when = self._loop.time() + timeout
-        self._due[future] = when
-        if when < self._at:
-            self._arm(when)
-
-    def discard(self, future: asyncio.Future) -> None:
-        self._due.pop(future, None)
-
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._at = when
-        self._timer = self._loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self._timer, self._at = None, float("inf")
-        now, earliest = self._loop.time(), float("inf")
-        for future, when in list(self._due.items()):
-            if when <= now:
-                del self._due[future]
-                _expire(future)
-            elif when < earliest:
-                earliest = when
-        if earliest != float("inf"):
-            self._arm(earliest)
-
-
 class Slots:
     """A counting semaphore whose uncontended acquire is one decrement (asyncio.Semaphore's
     was ~3% of the proxy's CPU per command). Waiters are served in order; a released slot is
@@ -380,7 +331,6 @@ class Upstream:
         self.host_header = parts.netloc.encode()
         self.limit = limit
         self._slots = Slots(limit)
-        self._deadlines: Deadlines | None = None  # made in the loop, by the first request
         self._idle: list[_Connection] = []
         self.in_use = 0
         self.opened_total = 0
@@ -403,22 +353,16 @@ class Upstream:
              length: int | None) -> bytes:
         """The request head: `headers` as (name, value) pairs (hop-by-hop ones are dropped here)
         or as header lines a server already filtered (front.Request.forward)."""
-        if isinstance(headers, bytes) and length is not None:  # the usual command: one format
-            return b"%b %b%b HTTP/1.1\r\nHost: %b\r\n%bContent-Length: %d\r\n\r\n" % (
-                method.encode(), self._base, target.encode(), self.host_header, headers, length)
-        lines = [f"{method} {self.base_path}{target} HTTP/1.1\r\n".encode(),
-                 b"Host: ", self.host_header, b"\r\n"]
+        start = b"%b %b%b HTTP/1.1\r\nHost: %b\r\n" % (
+            method.encode(), self._base, target.encode(), self.host_header)
         if isinstance(headers, bytes):
-            lines.append(headers)
+            lines = headers
         else:
-            for name, value in headers:
-                if name.lower() not in HOP_BY_HOP:
-                    lines += (name, b": ", value, b"\r\n")
+            lines = b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers
+                             if name.lower() not in HOP_BY_HOP)
         if length is None:
-            lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        else:
-            lines.append(b"Content-Length: %d\r\n\r\n" % length)
-        return b"".join(lines)
+            return start + lines + b"Transfer-Encoding: chunked\r\n\r\n"
+        return b"%b%bContent-Length: %d\r\n\r\n" % (start, lines, length)
 
     async def request(self, method: str, target: str,
                       headers: Iterable[tuple[bytes, bytes]] | bytes,
@@ -436,7 +380,7 @@ class Upstream:
             length = len(body)
         head = self.head(method, target, headers, length)
         slots = self._slots
-        if slots.free > 0 and not slots._waiters:  # inline: a coroutine call costs ~1 us
+        if slots.free > 0 and not slots.waiting:  # inline: a coroutine call costs ~1 us
             slots.free -= 1
         else:
             await slots.acquire()
@@ -457,14 +401,11 @@ class Upstream:
                 else:
                     await conn.send(head, body, chunked=length is None)
                 answered = conn._head  # read_head, inlined: one coroutine less per command
-                deadlines = self._deadlines
-                if deadlines is None:
-                    deadlines = self._deadlines = Deadlines(conn._loop)
-                deadlines.add(answered, timeout)
+                timer = conn._loop.call_later(timeout, _expire, answered)
                 try:
                     await answered
                 finally:
-                    deadlines.discard(answered)
+                    timer.cancel()
             except BaseException:
                 self.in_use -= 1
                 conn.transport.close()
@@ -497,7 +438,6 @@ class Upstream:
         self._slots.release()
 
     def close(self) -> None:
-        # (requests still in flight keep their deadlines: the timer stops once none is left)
         for conn in self._idle:
             conn.transport.close()
         self._idle.clear()

@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 
-from stickyproxy.upstream import Deadlines, Slots, Upstream
+from stickyproxy.upstream import Slots, Upstream
 
 
 async def test_slots_are_taken_without_waiting_until_none_is_free():
@@ -185,35 +185,3 @@ async def test_a_backend_that_sends_half_an_answer_times_out():
             assert upstream.in_use == 0 and upstream._slots.free == 1  # nothing held
         finally:
             upstream.close()
-
-
-# --- deadlines: one timer for all answers in flight ------------------------------------------
-
-async def test_deadlines_fail_only_what_is_overdue_and_forget_what_finished():
-    loop = asyncio.get_running_loop()
-    deadlines = Deadlines(loop)
-    slow, fast, late = loop.create_future(), loop.create_future(), loop.create_future()
-    deadlines.add(slow, 0.05)
-    deadlines.add(fast, 0.05)
-    deadlines.add(late, 0.3)
-    fast.set_result("answered")
-    deadlines.discard(fast)
-    await asyncio.sleep(0.1)
-    assert isinstance(slow.exception(), TimeoutError)
-    assert fast.result() == "answered"
-    assert not late.done() and len(deadlines) == 1  # the timer is set again for it
-    with pytest.raises(TimeoutError):
-        await late
-    assert len(deadlines) == 0
-
-
-async def test_a_shorter_deadline_added_later_is_not_held_back_by_a_longer_one():
-    loop = asyncio.get_running_loop()
-    deadlines = Deadlines(loop)
-    long, short = loop.create_future(), loop.create_future()
-    deadlines.add(long, 30)
-    deadlines.add(short, 0.05)
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(short, 5)  # (wait_for only bounds the test)
-    assert not long.done()
-    deadlines.discard(long)
