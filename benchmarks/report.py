@@ -103,7 +103,7 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                 ref = _haproxy_growth(series)
                 out.append((f"state: CPU/request flat within 10%, {label} {first[label]:,} -> {last[label]:,}",
                             f"{first['cpu_us_per_request']} -> {last['cpu_us_per_request']} us "
-                            f"(worst +{growth * 100:.0f}%){ref}{_decisions(series)}",
+                            f"(worst +{growth * 100:.0f}%){_split_growth(series)}{ref}{_decisions(series)}",
                             verdict(growth <= 0.10, f"{(growth - 0.10) * 100:.0f} points")))
     return out
 
@@ -119,6 +119,17 @@ def _decisions(series: list[dict]) -> str:
     return "; decisions alone, in-process: " + ", ".join(parts) if parts else ""
 
 
+def _split_growth(series: list[dict]) -> str:
+    """The same growth cut into user space (the proxy's code) and kernel (its sockets)."""
+    if any("sys_us_per_request" not in r for r in series):
+        return ""
+    parts = []
+    for key, what in (("user_us_per_request", "user space"), ("sys_us_per_request", "kernel")):
+        v = [r[key] for r in series]
+        parts.append(f"{what} {v[0]} -> {v[-1]} us (worst +{(max(v) / v[0] - 1) * 100:.0f}%)")
+    return "; of it " + ", ".join(parts)
+
+
 def _haproxy_growth(series: list[dict]) -> str:
     """HAProxy's own growth over the same backend counts, where the run measured it."""
     ref = [r["haproxy"] for r in series if "cpu_us_per_request" in r.get("haproxy", {})]
@@ -126,7 +137,8 @@ def _haproxy_growth(series: list[dict]) -> str:
         return ""
     worst = max(r["cpu_us_per_request"] for r in ref)
     return (f"; HAProxy over the same: {ref[0]['cpu_us_per_request']} -> "
-            f"{ref[-1]['cpu_us_per_request']} us (worst +{(worst / ref[0]['cpu_us_per_request'] - 1) * 100:.0f}%)")
+            f"{ref[-1]['cpu_us_per_request']} us (worst +{(worst / ref[0]['cpu_us_per_request'] - 1) * 100:.0f}%)"
+            f"{_split_growth(ref)}")
 
 
 def _peaks(c: dict) -> str:
@@ -255,7 +267,7 @@ def markdown(results: dict) -> str:
         if ref:
             L += ["The same backend counts and paths through HAProxy (one thread, `balance uri`: each "
                   "session path hashed to one backend, keep-alive), for reference:", "",
-                  "| backends | HAProxy req/s | CPU us/request | vs first | stickyproxy CPU us/request | vs first | stickyproxy x HAProxy CPU |",
+                  "| backends | HAProxy req/s | CPU us/request (user + kernel) | vs first | stickyproxy CPU us/request (user + kernel) | vs first | stickyproxy x HAProxy CPU |",
                   "|---|---|---|---|---|---|---|"]
             h0 = next((r["haproxy"] for r in ref if "cpu_us_per_request" in r["haproxy"]), None)
             s0 = ref[0]
@@ -264,9 +276,9 @@ def markdown(results: dict) -> str:
                 if "error" in h or h0 is None:
                     L.append(f"| {r['backends']:,} | error: {_one(h.get('error', '?'))} ||||||")
                     continue
-                L.append(f"| {r['backends']:,} | {h['rps']:.0f} | {h['cpu_us_per_request']} | "
+                L.append(f"| {r['backends']:,} | {h['rps']:.0f} | {h['cpu_us_per_request']}{_us_split(h)} | "
                          f"{_rx(_ratio(h['cpu_us_per_request'], h0['cpu_us_per_request']))} | "
-                         f"{r['cpu_us_per_request']} | {_rx(_ratio(r['cpu_us_per_request'], s0['cpu_us_per_request']))} | "
+                         f"{r['cpu_us_per_request']}{_us_split(r)} | {_rx(_ratio(r['cpu_us_per_request'], s0['cpu_us_per_request']))} | "
                          f"{_rx(_ratio(r['cpu_us_per_request'], h['cpu_us_per_request']))} |")
             L.append("")
     t = targets(results)
@@ -275,6 +287,13 @@ def markdown(results: dict) -> str:
         L += [f"| {a} | {b} | {c} |" for a, b, c in t]
         L.append("")
     return "\n".join(L)
+
+
+def _us_split(m: dict) -> str:
+    """ (user + kernel) after a CPU figure, where the run measured the split."""
+    if "sys_us_per_request" not in m:
+        return ""
+    return f" ({m['user_us_per_request']} + {m['sys_us_per_request']})"
 
 
 def _one(err: str) -> str:
