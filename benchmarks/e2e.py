@@ -5,6 +5,9 @@ quit sessions), start the contender, run the workload subprocess, and read CPU o
 the client's WINDOW_START / WINDOW_END. Contenders:
   stickyproxy         the project, plain Selenium-like clients (no Cookie): fewest live sessions
   stickyproxy-cookie  the project, the recipe's clients unchanged (Cookie -> rendezvous hash)
+  stickyproxy-w3c     the project, Selenium 4's W3C dialect, translated for PhantomJS by the
+                      bridge (no other contender can serve it: HAProxy passes W3C through and
+                      GhostDriver refuses the new session)
   haproxy-close       balance hdr(Cookie) + option http-server-close (HAProxy's best variant)
   haproxy-recipe      balance hdr(Cookie), default keep-alive (the original recipe exactly)
   direct              no proxy: worker i talks straight to backend i % 4 (the upper bound)
@@ -23,8 +26,8 @@ import time
 
 from .procs import REPO, Stack, fetch_json
 
-CONTENDERS = ("stickyproxy", "stickyproxy-cookie", "haproxy-close", "haproxy-recipe", "direct",
-              "python-floor")
+CONTENDERS = ("stickyproxy", "stickyproxy-cookie", "stickyproxy-w3c", "haproxy-close", "haproxy-recipe",
+              "direct", "python-floor")
 N_BACKENDS = 4
 
 
@@ -57,6 +60,7 @@ def run_cell(stack: Stack, contender: str, concurrency: int, *, page_url: str, w
             spec["backend_header"] = "X-Stickyproxy-Backend"
             spec["backend_labels"] = {b["id"]: label_of.get(b["url"], b["id"]) for b in st["backends"]}
             spec["cookie"] = contender.endswith("-cookie")
+            spec["dialect"] = "w3c" if contender.endswith("-w3c") else "jsonwp"
         else:
             raise ValueError(contender)
 

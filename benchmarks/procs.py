@@ -202,15 +202,15 @@ class Stack:
         return self._phantom_bin
 
     def start_phantoms(self, n: int) -> list[tuple[Proc, int]]:
-        env = dict(os.environ, OPENSSL_CONF="/dev/null")
-        out = []
-        for i, port in enumerate(free_ports(n)):
-            p = self.start(f"phantomjs{i + 1}", [self.phantom_bin(), f"--webdriver=127.0.0.1:{port}",
-                                                 "--webdriver-loglevel=WARN"], env=env, cwd=str(self.tmp))
-            out.append((p, port))
+        out = [(self.start_phantom(port, f"phantomjs{i + 1}"), port) for i, port in enumerate(free_ports(n))]
         for p, port in out:
             wait_http(port, "/status", 30, p)
         return out
+
+    def start_phantom(self, port: int, name: str) -> Proc:
+        """One PhantomJS on `port` (not waited for: see wait_http)."""
+        return self.start(name, [self.phantom_bin(), f"--webdriver=127.0.0.1:{port}", "--webdriver-loglevel=WARN"],
+                          env=dict(os.environ, OPENSSL_CONF="/dev/null"), cwd=str(self.tmp))
 
     # ---- the page PhantomJS loads ------------------------------------------------------------
 
@@ -230,11 +230,13 @@ class Stack:
 
     # ---- HAProxy ---------------------------------------------------------------------------
 
-    def start_haproxy(self, name: str, backends: list[int], *, mode: str) -> tuple[Proc, int]:
+    def start_haproxy(self, name: str, backends: list[int], *, mode: str,
+                      checks: bool = False) -> tuple[Proc, int]:
         """mode: 'recipe' (balance hdr(Cookie), default keep-alive), 'close' (+http-server-close),
         'static' (one fast backend, keep-alive), 'uri' (balance uri: each session path hashed to
         one backend, keep-alive; the scale part's reference). Adds X-Served-By so clients can
-        count placement."""
+        count placement. `checks`: the recipe's health checks (GET /status every second, down
+        after 2 failures, up after 1 success), so a restarted server is skipped while it is down."""
         port, = free_ports(1)
         lines = [
             "global",
@@ -259,8 +261,10 @@ class Stack:
         if mode == "uri":
             lines.append("  balance uri")
         lines.append("  http-response set-header X-Served-By %s")
+        if checks:
+            lines += ["  option httpchk GET /status", "  timeout check 5s"]
         for i, bp in enumerate(backends):
-            lines.append(f"  server b{i + 1} 127.0.0.1:{bp}")
+            lines.append(f"  server b{i + 1} 127.0.0.1:{bp}" + (" check inter 1s fall 2 rise 1" if checks else ""))
         cfg = self.tmp / f"{name}.cfg"
         cfg.write_text("\n".join(lines) + "\n")
         p = self.start(name, [HAPROXY, "-db", "-f", str(cfg)])

@@ -1,5 +1,5 @@
-"""Markdown from one run's result dict (pure: no I/O): the three tables, ratios against HAProxy's
-best variant and against no proxy, and the issue's targets marked "met" or "missed by X".
+"""Markdown from one run's result dict (pure: no I/O): the tables of every part, ratios against
+HAProxy's best variant and against no proxy, and the targets marked "met" or "missed by X".
 """
 
 from __future__ import annotations
@@ -74,6 +74,29 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
     fails = [c for (n, _), c in cells.items() if n.startswith(SP) and "error" not in c and c["failed"]]
     if fails:
         out.append(("all stickyproxy cells: zero failures", ", ".join(f"{c['contender']} C={c['concurrency']}: {c['failed']}" for c in fails), "missed"))
+
+    for conc in sorted({k[1] for k in cells}):
+        w3c, plain = cells.get((SP + "-w3c", conc)), cells.get((SP, conc))
+        if w3c and plain and "error" not in plain:
+            if "error" in w3c:
+                out.append((f"C={conc}: Selenium 4 (W3C) sessions through the bridge run", w3c["error"], "missed"))
+                continue
+            r = _ratio(w3c["sessions_per_s"], plain["sessions_per_s"])
+            out.append((f"C={conc}: W3C sessions through the bridge, zero failures (this project's bar)",
+                        f"{w3c['failed']} failed; {_rx(r)} the JSON Wire sessions/s, proxy CPU "
+                        f"{_f(w3c['cpu_ms_per_session'].get('proxy'), 2)} vs {_f(plain['cpu_ms_per_session'].get('proxy'), 2)} ms",
+                        verdict(w3c["failed"] == 0 and not w3c.get("hung_workers"), f"{w3c['failed']} failed")))
+    rec = next((c for c in results.get("restarts") or [] if c.get("contender") == "stickyproxy-recycle"), None)
+    if rec is not None:
+        if "error" in rec:
+            out.append(("restarts: recycling under load runs", rec["error"], "missed"))
+        else:
+            cron = next((c for c in results["restarts"] if c.get("contender") == "haproxy-cron" and "error" not in c), None)
+            out.append(("restarts: recycling under load fails no session (this project's bar)",
+                        f"{rec['failed']} failed over {rec.get('restarts', 0)} recycles"
+                        + (f"; the cron restart: {cron['failed']} failed over {cron.get('restarts', 0)} restarts" if cron else ""),
+                        verdict(rec["failed"] == 0 and rec.get("restarts", 0) > 0,
+                                f"{rec['failed']} failed" if rec["failed"] else "no recycle happened")))
 
     oh = results.get("overhead") or {}
     sp, h = oh.get(SP, {}), oh.get("haproxy", {})
@@ -168,17 +191,20 @@ def markdown(results: dict) -> str:
     cells = _cells(results)
     if cells:
         concs = sorted({k[1] for k in cells})
-        names = [n for n in ("stickyproxy", "stickyproxy-cookie", "haproxy-close", "haproxy-recipe", "direct",
-                             "python-floor")
+        names = [n for n in ("stickyproxy", "stickyproxy-cookie", "stickyproxy-w3c", "haproxy-close",
+                             "haproxy-recipe", "direct", "python-floor")
                  if any(k[0] == n for k in cells)]
-        L += ["## 1. End to end: 4 PhantomJS 2.1.1, real JSON Wire sessions", "",
+        L += ["## 1. End to end: 4 PhantomJS 2.1.1, real JSON Wire sessions (and W3C through the bridge)", "",
               f"Session = new session, load a local page, title, find elements by CSS, execute `return 1+2`, "
               f"quit. Each cell is {m.get('e2e_rounds', 1)} round(s) of {m.get('e2e_window_s')} s measured after "
               f"{m.get('e2e_warmup_s')} s warm-up, the contenders' order alternating between rounds; PhantomJS "
               "restarted before every round. `xHAProxy` is against the faster HAProxy variant at the "
               "same concurrency; `xdirect` against no proxy. CPU is ms per completed session (psutil, whole window). "
               "Live peaks and totals: the most live sessions each backend b1..b4 held at once, and the sessions "
-              "created on each (counted by the client from a response header naming the backend). Spread = "
+              "created on each (counted by the client from a response header naming the backend). "
+              "`stickyproxy-w3c` runs the same session in Selenium 4's W3C dialect (`/execute/sync`, W3C "
+              "element references), which stickyproxy's bridge translates for GhostDriver; no other "
+              "contender can serve it (GhostDriver refuses a W3C new session). Spread = "
               "highest peak / mean of the peaks (the issue's measure); worst/fair = highest peak / (C/4), stricter. "
               "`python-floor` is a reference, not a contender: `benchmarks/floor_proxy.py`, a ~150-line raw "
               "uvloop/httptools forwarder with none of stickyproxy's features, the least Python can spend.", "",
@@ -281,6 +307,33 @@ def markdown(results: dict) -> str:
                          f"{r['cpu_us_per_request']}{_us_split(r)} | {_rx(_ratio(r['cpu_us_per_request'], s0['cpu_us_per_request']))} | "
                          f"{_rx(_ratio(r['cpu_us_per_request'], h['cpu_us_per_request']))} |")
             L.append("")
+    rs = results.get("restarts")
+    if rs:
+        base = next((c for c in rs if c.get("contender") == "stickyproxy-norestart" and "error" not in c), None)
+        L += ["## 4. Restarts under load: the recipe's cron restart against recycling", "",
+              f"The end-to-end workload at C=8 over 4 PhantomJS for one {m.get('restarts_window_s')} s window "
+              f"(after {m.get('e2e_warmup_s')} s warm-up). `haproxy-cron`: haproxy-close with health checks "
+              "(GET /status every 1 s, fall 2, rise 1); every PhantomJS stopped and started again on its port "
+              "at 1/3 and 2/3 of the window, as the recipe's cron job does every 20 minutes. "
+              "`stickyproxy-recycle`: stickyproxy's own pool (`--local 4`), each backend drained and replaced "
+              "after N sessions. `stickyproxy-norestart`: the same pool never restarted. PhantomJS memory is "
+              "sampled every 0.25 s: the sum over live processes (peak, at the window's end) and the largest "
+              "single process. Ended sessions are stickyproxy's own count by reason.", "",
+              "| contender | restarts (policy) | sessions/s | x no restarts | failed | session p50/p99 ms | "
+              "PhantomJS RSS MiB: peak / end / largest one | sessions ended (stickyproxy) |",
+              "|---|---|---|---|---|---|---|---|"]
+        for c in rs:
+            if "error" in c:
+                L.append(f"| {c['contender']} | error: {_one(c['error'])} |||||||")
+                continue
+            sl = c["session_latency"]
+            ended = ", ".join(f"{k} {v}" for k, v in (c.get("sessions_ended") or {}).items()) or "-"
+            L.append(f"| {c['contender']} | {c.get('restarts', 0)} ({c.get('restart_policy', '-')}) | "
+                     f"{c['sessions_per_s']:.1f} | {_rx(_ratio(c['sessions_per_s'], base and base['sessions_per_s']))} | "
+                     f"{c['failed']}{' (' + ', '.join(f'{k}: {v}' for k, v in c['errors'].items()) + ')' if c['errors'] else ''} | "
+                     f"{_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {c['phantom_rss_mib_peak']} / "
+                     f"{c['phantom_rss_mib_end']} / {c.get('phantom_rss_mib_largest', '-')} | {ended} |")
+        L.append("")
     t = targets(results)
     if t:
         L += ["## Targets (issue 3)", "", "| target | measured | verdict |", "|---|---|---|"]

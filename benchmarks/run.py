@@ -1,7 +1,7 @@
 """One command for the whole benchmark: `python -m benchmarks.run [--quick]` (see README.md).
 
-Runs the three parts side by side on loopback (end to end with PhantomJS, overhead against nginx,
-scale of the state), writes benchmarks/out/<timestamp>.json and .md, and on a full run replaces
+Runs the parts side by side on loopback (end to end with PhantomJS, overhead against nginx,
+scale of the state, restarts under load), writes benchmarks/out/<timestamp>.json and .md, and on a full run replaces
 benchmarks/RESULTS.md with the new table. Everything it starts is stopped by PID on the way out.
 """
 
@@ -23,11 +23,11 @@ if __package__ in (None, ""):  # `python benchmarks/run.py` works too
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "benchmarks"
 
-from benchmarks import e2e, overhead, report, scale  # noqa: E402
+from benchmarks import e2e, overhead, report, restarts, scale  # noqa: E402
 from benchmarks.procs import REPO, MachineShare, Stack  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("e2e", "overhead", "scale")
+PARTS = ("e2e", "overhead", "scale", "restarts")
 QUICK = ("stickyproxy", "haproxy-close", "haproxy-recipe", "direct")
 
 
@@ -60,8 +60,8 @@ def machine(stack: Stack | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="about 2 minutes: shorter cells, C=8 and 16, up to 10,000 sessions")
-    ap.add_argument("--parts", default=",".join(PARTS), help="comma list of e2e,overhead,scale")
+    ap.add_argument("--quick", action="store_true", help="about 3 minutes: shorter cells, C=8 and 16, up to 10,000 sessions")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {','.join(PARTS)}")
     ap.add_argument("--contenders", default=None,
                     help=f"end-to-end contenders (default {','.join(e2e.CONTENDERS)}; quick: {','.join(QUICK)})")
     ap.add_argument("--concurrency", default=None, help="comma list (default 1,8,16; quick 8,16)")
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = a.rounds or (1 if quick else 2)
     warmup = 1.0 if quick else 2.0
     wrk_s = 2.0 if quick else 5.0
+    restart_window = 12.0 if quick else 30.0
     session_points = (10, 1_000, 10_000) if quick else (10, 1_000, 100_000)
     write_results = (not quick) if a.results is None else a.results
 
@@ -111,17 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res["meta"] = {**machine(stack), "started_utc": started.strftime("%Y-%m-%d %H:%M:%S"),
                        "command": cmd.strip(), "quick": quick, "e2e_window_s": window, "e2e_rounds": rounds,
-                       "e2e_warmup_s": warmup, "wrk_s": wrk_s, "scale_backend_sessions": 1_000,
+                       "e2e_warmup_s": warmup, "wrk_s": wrk_s, "restarts_window_s": restart_window, "scale_backend_sessions": 1_000,
                        "sp_args": a.sp_arg, "stickyproxy_commit": sp_commit}
         log(f"load {os.getloadavg()[0]:.2f}; temp dir {stack.tmp}")
+        if "e2e" in parts or "restarts" in parts:  # the page PhantomJS loads (stopped with the rest)
+            _, page_port = stack.start_pageserver()
+            page_url = f"http://127.0.0.1:{page_port}/page.html"
         if "e2e" in parts:
             before, share = os.getloadavg()[0], MachineShare()
-            page, page_port = stack.start_pageserver()
-            res["e2e"] = e2e.run(stack, page_url=f"http://127.0.0.1:{page_port}/page.html",
+            res["e2e"] = e2e.run(stack, page_url=page_url,
                                  concurrencies=conc, warmup=warmup, duration=window,
                                  contenders=[c for c in (a.contenders or ",".join(QUICK if quick else e2e.CONTENDERS)).split(",") if c],
                                  sp_extra=a.sp_arg, rounds=rounds, log=log)
-            stack.stop(page)
             load["e2e"] = {"loadavg_before": round(before, 2), **share.result()}
         if "overhead" in parts:
             before, share = os.getloadavg()[0], MachineShare()
@@ -133,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             res["scale"] = scale.run(stack, duration=wrk_s, session_points=session_points,
                                      sp_extra=a.sp_arg, log=log)
             load["scale"] = {"loadavg_before": round(before, 2), **share.result()}
+        if "restarts" in parts:
+            before, share = os.getloadavg()[0], MachineShare()
+            res["restarts"] = restarts.run(stack, page_url=page_url, warmup=warmup, window=restart_window, log=log)
+            load["restarts"] = {"loadavg_before": round(before, 2), **share.result()}
     except KeyboardInterrupt:
         log("interrupted: stopping everything started")
         res["meta"]["interrupted"] = True

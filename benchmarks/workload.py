@@ -3,7 +3,10 @@
 Each worker keeps one keep-alive HTTP connection (Selenium's urllib3 pool: TCP_NODELAY, reused
 across requests and sessions) and loops: new session, load the local page, title, find elements by
 CSS, execute `return 1+2`, quit. With `cookie`, a random Cookie rides on every request of a session
-(the HAProxy recipe hashes it; real clients of the recipe send one per session). Run as a subprocess so its CPU is its own:
+(the HAProxy recipe hashes it; real clients of the recipe send one per session). With
+`"dialect": "w3c"` the same session is spoken as Selenium 4 speaks it (W3C new-session payload,
+`/execute/sync`, W3C element references), which a PhantomJS pool serves only through
+stickyproxy's bridge. Run as a subprocess so its CPU is its own:
 
     python -m benchmarks.workload '<json spec>'
 
@@ -24,6 +27,7 @@ import time
 
 DEFAULT_TIMEOUT = 30.0
 COMMANDS = ("new_session", "url", "title", "elements", "execute", "quit")
+W3C_ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 
 
 class Conn(http.client.HTTPConnection):
@@ -134,8 +138,7 @@ class Worker(threading.Thread):
             sid = None
             backend = None
             try:
-                doc, r = self.timed("new_session", "POST", "/session",
-                                    {"desiredCapabilities": {"browserName": "phantomjs"}}, cookie, record)
+                doc, r = self.timed("new_session", "POST", "/session", R.new_session_body, cookie, record)
                 sid = doc.get("sessionId") or (doc.get("value") or {}).get("sessionId")
                 if not sid:
                     raise CommandError("no sessionId")
@@ -148,9 +151,12 @@ class Worker(threading.Thread):
                     raise CommandError("wrong title")
                 doc, _ = self.timed("elements", "POST", s + "/elements",
                                     {"using": "css selector", "value": "li.item"}, cookie, record)
-                if len(doc.get("value") or []) != 20:
+                found = doc.get("value") or []
+                if len(found) != 20:
                     raise CommandError("wrong element count")
-                doc, _ = self.timed("execute", "POST", s + "/execute",
+                if R.element_key not in found[0]:
+                    raise CommandError(f"element reference without {R.element_key!r}")
+                doc, _ = self.timed("execute", "POST", s + R.execute_path,
                                     {"script": "return 1+2", "args": []}, cookie, record)
                 if doc.get("value") != 3:
                     raise CommandError("wrong script result")
@@ -195,6 +201,13 @@ class Run:
         self.cookie = bool(spec.get("cookie", False))
         self.backend_labels = spec.get("backend_labels", {})
         self.nonce = spec.get("nonce", str(int(time.time() * 1000)))
+        if spec.get("dialect", "jsonwp") == "w3c":  # what Selenium 4's webdriver.Remote sends
+            self.new_session_body = {"capabilities": {"firstMatch": [{}],
+                                                      "alwaysMatch": {"browserName": "phantomjs"}}}
+            self.execute_path, self.element_key = "/execute/sync", W3C_ELEMENT
+        else:  # Selenium 3
+            self.new_session_body = {"desiredCapabilities": {"browserName": "phantomjs"}}
+            self.execute_path, self.element_key = "/execute", "ELEMENT"
         self.stop = threading.Event()
         self.window_start_pc = float("inf")
         self.window_end_pc = float("inf")
