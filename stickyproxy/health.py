@@ -1,9 +1,12 @@
 """Health: HAProxy's rise/fall counter and the meaning of one check's outcome (pure, on top), and
 the per-backend checker loop (below), which takes its I/O as a parameter.
 
-A backend starts as `init` (not up) and is up after its first good check; from then on it takes
-`fall` consecutive failures to go down and `rise` consecutive successes to come back (HAProxy's
-fall/rise), so a PhantomJS that is merely slow under load does not flap.
+A backend starts as `init` (not up) and is up after its first good check, however many failed
+before it (a container or a compose service still starting); from then on it takes `fall`
+consecutive failures to go down and `rise` consecutive successes to come back (HAProxy's
+fall/rise), so a PhantomJS that is merely slow under load does not flap. Until that first good
+check, checks come sooner than the interval (backing off to it), so a backend that starts in a
+second is used after about a second, not after `rise` intervals.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Health:
     fall: int
     state: str = INIT
     streak: int = 0  # consecutive results that argue for leaving the current state
+    ever_up: bool = False  # rise/fall distrust a backend that has been up; a starting one has no past
 
     @property
     def up(self) -> bool:
@@ -52,10 +56,13 @@ class Health:
 
     def observe(self, ok: bool) -> str | None:
         """Feed one check; returns the new state when it changed, else None."""
-        if self.state == INIT:
-            # A new backend has no history to distrust: one good check brings it up.
-            self.state, self.streak = (UP if ok else DOWN), 0
-            return self.state
+        if self.state == INIT or (ok and not self.ever_up):
+            # A new backend has no history to distrust: one good check brings it up, also after
+            # failures while it was still starting.
+            new = UP if ok else DOWN
+            changed = new != self.state
+            self.state, self.streak, self.ever_up = new, 0, self.ever_up or ok
+            return new if changed else None
         if ok == (self.state == UP):
             self.streak = 0
             return None
@@ -75,8 +82,21 @@ class Health:
 Probe = Callable[[], Awaitable[CheckResult]]
 
 
-async def check_loop(name: str, probe: Probe, interval: float, on_result: Callable[[CheckResult], None]) -> None:
-    """Probe forever, one check at a time; the next check starts `interval` after the last began."""
+FIRST_RETRY = 0.25  # seconds before the second check of a backend that is still starting
+
+
+def next_wait(previous: float | None, interval: float, starting: bool) -> float:
+    """Seconds from one check's start to the next: `interval`, but while the backend has never been
+    up, FIRST_RETRY doubling up to `interval` (a dead address settles at the normal rate)."""
+    if not starting:
+        return interval
+    return min(interval, FIRST_RETRY if previous is None else previous * 2)
+
+
+async def check_loop(name: str, probe: Probe, interval: float, on_result: Callable[[CheckResult], None],
+                     starting: Callable[[], bool] = lambda: False) -> None:
+    """Probe forever, one check at a time; the next check starts `next_wait` after the last began."""
+    wait = None
     while True:
         started = time.monotonic()
         try:
@@ -87,7 +107,8 @@ async def check_loop(name: str, probe: Probe, interval: float, on_result: Callab
             log.exception("CHECK_ERROR backend=%s", name)
             result = CheckResult(False, "error", f"check failed: {exc!r}", time.time())
         on_result(result)
-        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+        wait = next_wait(wait, interval, starting())
+        await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
 
 
 async def probe(upstream, path: str, timeout: float) -> CheckResult:

@@ -135,7 +135,8 @@ class Server:
                                     backend.spec.unix_socket)
         self._checks[backend.id] = asyncio.get_running_loop().create_task(
             check_loop(backend.id, lambda: probe(backend.upstream, s.check_path, s.check_timeout),
-                       s.check_interval, lambda result: self._checked(backend, result)),
+                       s.check_interval, lambda result: self._checked(backend, result),
+                       starting=lambda: not backend.health.ever_up),
             name=f"check-{backend.id}")
 
     def _checked(self, backend: Backend, result) -> None:

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from conftest import http_json, wait_for, wait_up
+from stickyproxy.providers.processes import free_port
 
 pytestmark = pytest.mark.functional
 
@@ -104,3 +105,17 @@ def test_no_backend_up_gives_session_not_created(stickyproxy, phantomjs):
     assert "static-1 down (connection refused)" in body["value"]["message"]
     status, body, _ = http_json(proxy.url + "/status")
     assert body["value"]["ready"] is False
+
+
+def test_a_backend_that_starts_after_the_proxy_is_used_once_it_answers(stickyproxy, phantomjs):
+    # docker-compose starts stickyproxy and its PhantomJS services together: the first checks
+    # find nothing listening. With the default interval (10 s) and rise (2), counting those
+    # failures against the backend would keep it out for 20 s after it is ready.
+    port = free_port()
+    proxy = stickyproxy("--backend", f"http://127.0.0.1:{port}")
+    wait_for(lambda: proxy.stats()["backends"][0]["state"] == "down", 10, what="first check failed")
+    phantomjs(port)
+    wait_up(proxy, 1, timeout=8)  # the next checks come within 0.25-4 s while it starts
+    status, body, _ = http_json(proxy.url + "/session", "POST", {"desiredCapabilities": {}})
+    assert status == 200, body
+    http_json(f"{proxy.url}/session/{body['sessionId']}", "DELETE")

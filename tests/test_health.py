@@ -1,6 +1,6 @@
 import pytest
 
-from stickyproxy.health import DOWN, INIT, UP, Health
+from stickyproxy.health import DOWN, INIT, UP, Health, next_wait
 
 
 def run(health, outcomes):
@@ -13,11 +13,29 @@ def test_new_backend_is_not_up_until_its_first_good_check():
     assert h.observe(True) == UP
 
 
-def test_a_new_backend_that_fails_is_down_and_needs_rise_successes():
-    h = Health(rise=2, fall=3)
+def test_a_new_backend_that_fails_while_starting_is_up_at_its_first_good_check():
+    h = Health(rise=3, fall=3)
+    assert h.observe(False) == DOWN  # shown as down, with the check's reason, while it starts
+    assert run(h, [False, False]) == [None, None]
+    assert h.observe(True) == UP  # no history to distrust: rise does not apply yet
+
+
+def test_once_up_a_backend_needs_rise_successes_again():
+    h = Health(rise=2, fall=1)
+    h.observe(False)
+    h.observe(True)
     assert h.observe(False) == DOWN
-    assert run(h, [True]) == [None]
-    assert run(h, [True]) == [UP]
+    assert run(h, [True, True]) == [None, UP]
+
+
+def test_checks_come_sooner_while_a_backend_starts_and_back_off_to_the_interval():
+    waits, wait = [], None
+    for _ in range(8):
+        wait = next_wait(wait, 10.0, starting=True)
+        waits.append(wait)
+    assert waits == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert next_wait(0.5, 10.0, starting=False) == 10.0  # up once: the interval, always
+    assert next_wait(None, 0.1, starting=True) == 0.1  # never slower than the interval itself
 
 
 @pytest.mark.parametrize("rise, fall", [(1, 1), (2, 3), (3, 2), (5, 5)])
@@ -42,6 +60,7 @@ def test_only_consecutive_failures_count():
 
 def test_only_consecutive_successes_count():
     h = Health(rise=3, fall=1)
+    h.observe(True)
     h.observe(False)
     assert run(h, [True, True, False, True, True]) == [None] * 5
     assert h.observe(True) == UP
