@@ -160,23 +160,32 @@ def run(stack: Stack, *, page_url: str, concurrencies, warmup: float, duration: 
     so a drift in the machine's load does not favour whoever runs first; rounds are merged."""
     cells = []
     for c in concurrencies:
-        per: dict[str, list[dict]] = {n: [] for n in contenders}
-        for rnd in range(rounds):
-            order = list(contenders) if rnd % 2 == 0 else list(reversed(contenders))
-            for name in order:
-                try:
-                    r = run_cell(stack, name, c, page_url=page_url, warmup=warmup, duration=duration,
-                                 sp_extra=sp_extra or [], log=log)
-                    log(f"[e2e] round {rnd + 1} {name} C={c}: {r['sessions_per_s']} sessions/s, "
-                        f"failed {r['failed']}, cpu ms/session {r['cpu_ms_per_session']}, peaks {r.get('live_peak')}")
-                except Exception as e:  # a contender that cannot run is a result, not a crash
-                    r = {"concurrency": c, "error": f"{type(e).__name__}: {e}"}
-                    log(f"[e2e] round {rnd + 1} {name} C={c}: ERROR {r['error']}")
-                per[name].append(r)
-        for name in contenders:
-            m = merge(per[name])
-            m["contender"] = name
-            cells.append(m)
+        cells += alternate(contenders, rounds, f"[e2e] C={c}", log, lambda name: run_cell(
+            stack, name, c, page_url=page_url, warmup=warmup, duration=duration, sp_extra=sp_extra or [], log=log),
+            failed={"concurrency": c})
+    return cells
+
+
+def alternate(contenders, rounds: int, tag: str, log, run_one, failed: dict | None = None) -> list[dict]:
+    """`rounds` rounds of run_one(contender) over all contenders, the order reversed every other
+    round (A..E, E..A) so a drift in the machine's load does not favour whoever runs first; one
+    merged cell per contender. A contender that cannot run is a result (`failed` + its error)."""
+    per: dict[str, list[dict]] = {n: [] for n in contenders}
+    for rnd in range(rounds):
+        for name in (list(contenders) if rnd % 2 == 0 else list(reversed(contenders))):
+            try:
+                r = run_one(name)
+                log(f"{tag} round {rnd + 1} {name}: {r['sessions_per_s']} sessions/s, failed {r['failed']}, "
+                    f"cpu ms/session {r['cpu_ms_per_session']}, peaks {r.get('live_peak')}")
+            except Exception as e:  # a contender that cannot run is a result, not a crash
+                r = {**(failed or {}), "error": f"{type(e).__name__}: {e}"}
+                log(f"{tag} round {rnd + 1} {name}: ERROR {r['error']}")
+            per[name].append(r)
+    cells = []
+    for name in contenders:
+        cell = merge(per[name])
+        cell["contender"] = name
+        cells.append(cell)
     return cells
 
 
@@ -186,7 +195,7 @@ def merge(rounds: list[dict]) -> dict:
 
     ok = [r for r in rounds if "error" not in r]
     if not ok:
-        return {"concurrency": rounds[0]["concurrency"], "error": rounds[0]["error"]}
+        return dict(rounds[0])
     out: dict = {"concurrency": ok[0]["concurrency"], "rounds": len(ok)}
     out["window_s"] = sum(r["window_s"] for r in ok)
     out["sessions"] = sum(r["sessions"] for r in ok)
@@ -222,7 +231,7 @@ def merge(rounds: list[dict]) -> dict:
     out["spread"] = spread(out["live_peak"], N_BACKENDS)
     out["worst_vs_fair"] = worst_vs_fair(out["live_peak"], out["concurrency"])
     out["round_spread"] = [r.get("spread") for r in ok]
-    for key in ("placement_source", "phantom_rss_mib_end", "proxy_rss_mib_end", "stats_end"):
+    for key in ("placement_source", "phantom_rss_mib_end", "proxy_rss_mib_end", "stats_end", "sessions_ended"):
         if key in ok[-1]:
             out[key] = ok[-1][key]
     out["client_cpu_s"] = out["cpu_s"].get("client")

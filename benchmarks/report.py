@@ -98,6 +98,18 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                         verdict(rec["failed"] == 0 and rec.get("restarts", 0) > 0,
                                 f"{rec['failed']} failed" if rec["failed"] else "no recycle happened")))
 
+    dk = {c.get("contender"): c for c in results.get("docker") or []}
+    sd, hd = dk.get("stickyproxy-docker"), dk.get("haproxy-compose")
+    if sd is not None:
+        if "error" in sd:
+            out.append(("docker: stickyproxy over its own containers runs", sd["error"], "missed"))
+        else:
+            r = _ratio(sd["sessions_per_s"], hd and "error" not in hd and hd["sessions_per_s"])
+            out.append(("docker: sessions/s >= 1.0x HAProxy over the same containers' kind, zero failures (this project's bar)",
+                        f"{_rx(r)}, {sd['failed']} failed",
+                        verdict(r is not None and r >= 1.0 and sd["failed"] == 0,
+                                f"{(1 - (r or 0)) * 100:.1f}%" + (f", {sd['failed']} failed" if sd["failed"] else ""))))
+
     oh = results.get("overhead") or {}
     sp, h = oh.get(SP, {}), oh.get("haproxy", {})
     if "c64" in sp and "c64" in h:
@@ -227,7 +239,7 @@ def markdown(results: dict) -> str:
                 L.append(f"| {conc} | {n} | {c['sessions_per_s']:.1f}{rtxt} | "
                          f"{_rx(_ratio(c['sessions_per_s'], h and h['sessions_per_s']))} | "
                          f"{_rx(_ratio(c['sessions_per_s'], d and 'error' not in d and d['sessions_per_s']))} | "
-                         f"{c['failed']}{' (' + ', '.join(f'{k}: {v}' for k, v in c['errors'].items()) + ')' if c['errors'] else ''} | "
+                         f"{_failed(c)} | "
                          f"{_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {_f(cpu.get('proxy'), 2)} | "
                          f"{_f(cpu.get('phantomjs'), 1)} | {_f(cpu.get('client'), 2)} | {_peaks(c)} | "
                          f"{_f(c.get('spread'), 2) if conc >= 4 else '-'} | {_f(c.get('worst_vs_fair'), 2)} | {_totals(c)} |")
@@ -330,13 +342,38 @@ def markdown(results: dict) -> str:
             ended = ", ".join(f"{k} {v}" for k, v in (c.get("sessions_ended") or {}).items()) or "-"
             L.append(f"| {c['contender']} | {c.get('restarts', 0)} ({c.get('restart_policy', '-')}) | "
                      f"{c['sessions_per_s']:.1f} | {_rx(_ratio(c['sessions_per_s'], base and base['sessions_per_s']))} | "
-                     f"{c['failed']}{' (' + ', '.join(f'{k}: {v}' for k, v in c['errors'].items()) + ')' if c['errors'] else ''} | "
+                     f"{_failed(c)} | "
                      f"{_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {c['phantom_rss_mib_peak']} / "
                      f"{c['phantom_rss_mib_end']} / {c.get('phantom_rss_mib_largest', '-')} | {ended} |")
         L.append("")
+    dk = results.get("docker")
+    if dk:
+        h = next((c for c in dk if c.get("contender") == "haproxy-compose" and "error" not in c), None)
+        L += ["## 5. The recipe as deployed: 4 PhantomJS containers", "",
+              f"Memory-capped containers (1 GiB, swap alike, restart always, host networking on loopback "
+              f"ports) of one locally built PhantomJS image. `haproxy-compose`: 4 containers started as "
+              f"docker-compose would, behind haproxy-close with health checks, clients sending the Cookie. "
+              f"`stickyproxy-docker`: stickyproxy starts and owns its 4 (`--docker 4 --mem-limit 1g`), "
+              f"plain clients. The end-to-end workload at C=8, {m.get('e2e_rounds', 1)} round(s) of "
+              f"{m.get('docker_window_s')} s each, the order alternating. "
+              "CPU is ms per session: the proxy's, and the containers' processes' (psutil on their PIDs).", "",
+              "| contender | sessions/s | xHAProxy | failed | session p50/p99 ms | proxy CPU | containers CPU | "
+              "live peaks | spread |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for c in dk:
+            if "error" in c:
+                L.append(f"| {c['contender']} | error: {_one(c['error'])} ||||||||")
+                continue
+            sl, cpu = c["session_latency"], c["cpu_ms_per_session"]
+            L.append(f"| {c['contender']} | {c['sessions_per_s']:.1f} | "
+                     f"{_rx(_ratio(c['sessions_per_s'], h and h['sessions_per_s']))} | "
+                     f"{_failed(c)} | "
+                     f"{_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {_f(cpu.get('proxy'), 2)} | "
+                     f"{_f(cpu.get('containers'), 1)} | {_peaks(c)} | {_f(c.get('spread'), 2)} |")
+        L.append("")
     t = targets(results)
     if t:
-        L += ["## Targets (issue 3)", "", "| target | measured | verdict |", "|---|---|---|"]
+        L += ["## Targets (issue 3's; rows marked \"this project's bar\" are ours)", "", "| target | measured | verdict |", "|---|---|---|"]
         L += [f"| {a} | {b} | {c} |" for a, b, c in t]
         L.append("")
     return "\n".join(L)
@@ -347,6 +384,12 @@ def _us_split(m: dict) -> str:
     if "sys_us_per_request" not in m:
         return ""
     return f" ({m['user_us_per_request']} + {m['sys_us_per_request']})"
+
+
+def _failed(c: dict) -> str:
+    """Failed sessions, with why when any failed."""
+    why = ", ".join(f"{k}: {v}" for k, v in c["errors"].items())
+    return f"{c['failed']} ({why})" if why else str(c["failed"])
 
 
 def _one(err: str) -> str:

@@ -1,7 +1,7 @@
 """One command for the whole benchmark: `python -m benchmarks.run [--quick]` (see README.md).
 
 Runs the parts side by side on loopback (end to end with PhantomJS, overhead against nginx,
-scale of the state, restarts under load), writes benchmarks/out/<timestamp>.json and .md, and on a full run replaces
+scale of the state, restarts under load, the recipe in containers), writes benchmarks/out/<timestamp>.json and .md, and on a full run replaces
 benchmarks/RESULTS.md with the new table. Everything it starts is stopped by PID on the way out.
 """
 
@@ -23,11 +23,11 @@ if __package__ in (None, ""):  # `python benchmarks/run.py` works too
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "benchmarks"
 
-from benchmarks import e2e, overhead, report, restarts, scale  # noqa: E402
+from benchmarks import containers, e2e, overhead, report, restarts, scale  # noqa: E402
 from benchmarks.procs import REPO, MachineShare, Stack  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("e2e", "overhead", "scale", "restarts")
+PARTS = ("e2e", "overhead", "scale", "restarts", "docker")
 QUICK = ("stickyproxy", "haproxy-close", "haproxy-recipe", "direct")
 
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = 1.0 if quick else 2.0
     wrk_s = 2.0 if quick else 5.0
     restart_window = 12.0 if quick else 30.0
+    docker_window = 6.0 if quick else 10.0
     session_points = (10, 1_000, 10_000) if quick else (10, 1_000, 100_000)
     write_results = (not quick) if a.results is None else a.results
 
@@ -112,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res["meta"] = {**machine(stack), "started_utc": started.strftime("%Y-%m-%d %H:%M:%S"),
                        "command": cmd.strip(), "quick": quick, "e2e_window_s": window, "e2e_rounds": rounds,
-                       "e2e_warmup_s": warmup, "wrk_s": wrk_s, "restarts_window_s": restart_window, "scale_backend_sessions": 1_000,
+                       "e2e_warmup_s": warmup, "wrk_s": wrk_s, "restarts_window_s": restart_window,
+                       "docker_window_s": docker_window, "scale_backend_sessions": 1_000,
                        "sp_args": a.sp_arg, "stickyproxy_commit": sp_commit}
         log(f"load {os.getloadavg()[0]:.2f}; temp dir {stack.tmp}")
-        if "e2e" in parts or "restarts" in parts:  # the page PhantomJS loads (stopped with the rest)
+        if {"e2e", "restarts", "docker"} & set(parts):  # the page PhantomJS loads (stopped with the rest)
             _, page_port = stack.start_pageserver()
             page_url = f"http://127.0.0.1:{page_port}/page.html"
         if "e2e" in parts:
@@ -139,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             before, share = os.getloadavg()[0], MachineShare()
             res["restarts"] = restarts.run(stack, page_url=page_url, warmup=warmup, window=restart_window, log=log)
             load["restarts"] = {"loadavg_before": round(before, 2), **share.result()}
+        if "docker" in parts:
+            before, share = os.getloadavg()[0], MachineShare()
+            res["docker"] = containers.run(stack, page_url=page_url, warmup=warmup, window=docker_window,
+                                           rounds=rounds, log=log)
+            load["docker"] = {"loadavg_before": round(before, 2), **share.result()}
     except KeyboardInterrupt:
         log("interrupted: stopping everything started")
         res["meta"]["interrupted"] = True
