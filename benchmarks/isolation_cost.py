@@ -33,6 +33,8 @@ from stickyproxy import isolation
 from stickyproxy.providers.processes import find_phantomjs, free_port
 from stickyproxy.upstream import NotConnected, Upstream
 
+from .procs import browser_env
+
 _TICK = os.sysconf("SC_CLK_TCK")
 RELAY = ("import sys\n{patch}\nfrom stickyproxy.isolation import main\n"
          "sys.exit(main(sys.argv[1:]))")
@@ -102,7 +104,7 @@ async def start_relay(phantomjs: str, rundir: str, name: str, patch: str, log: i
            str(isolation.probe().flags), "--socket", path, "--port", str(port), "--", *argv]
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=log,
-        env=isolation._relay_env(dict(os.environ, OPENSSL_CONF="/dev/null")))
+        env=isolation._relay_env(browser_env(OPENSSL_CONF="/dev/null")))
     pid = 0
     while True:
         word, rest = isolation.parse_report(await proc.stdout.readline())
@@ -161,7 +163,7 @@ async def main(n: int) -> None:
     try:
         port = free_port()
         direct = subprocess.Popen([phantomjs, f"--webdriver=127.0.0.1:{port}"], stdout=log,
-                                  stderr=log, env=dict(os.environ, OPENSSL_CONF="/dev/null"))
+                                  stderr=log, env=browser_env(OPENSSL_CONF="/dev/null"))
         procs.append(direct)
         while True:
             try:

@@ -24,6 +24,16 @@ from pathlib import Path
 import psutil
 
 HAPROXY = "/usr/sbin/haproxy"
+# PhantomJS reads every certificate in SSL_CERT_DIR for each session: 4x its CPU per session when
+# the host sets it (stickyproxy warns, LOCAL_ENV_COSTLY). Every PhantomJS here, and stickyproxy
+# whose local pool inherits it, runs without it, as in a container.
+COSTLY_ENV = ("SSL_CERT_DIR",)
+
+
+def browser_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in COSTLY_ENV}
+    env.update(extra)
+    return env
 NGINX = "/usr/sbin/nginx"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -210,7 +220,7 @@ class Stack:
     def start_phantom(self, port: int, name: str) -> Proc:
         """One PhantomJS on `port` (not waited for: see wait_http)."""
         return self.start(name, [self.phantom_bin(), f"--webdriver=127.0.0.1:{port}", "--webdriver-loglevel=WARN"],
-                          env=dict(os.environ, OPENSSL_CONF="/dev/null"), cwd=str(self.tmp))
+                          env=browser_env(OPENSSL_CONF="/dev/null"), cwd=str(self.tmp))
 
     # ---- the page PhantomJS loads ------------------------------------------------------------
 
@@ -349,7 +359,7 @@ http {{
             for u in urls:
                 argv += ["--backend", u]
         argv += extra or []
-        env = dict(os.environ, PYTHONPATH=self.sp_path + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = browser_env(PYTHONPATH=self.sp_path + os.pathsep + os.environ.get("PYTHONPATH", ""))
         p = self.start("stickyproxy", argv, cwd=self.sp_path, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

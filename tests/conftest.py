@@ -106,7 +106,9 @@ def _start_phantom(binary: str, port: int | None = None) -> Phantom:
     port = port or free_port()
     proc = subprocess.Popen([binary, f"--webdriver=127.0.0.1:{port}", "--webdriver-loglevel=WARN"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, OPENSSL_CONF="/dev/null"))
+                            # without SSL_CERT_DIR, which PhantomJS reads for every session
+                            env={**{k: v for k, v in os.environ.items() if k != "SSL_CERT_DIR"},
+                                 "OPENSSL_CONF": "/dev/null"})
     phantom = Phantom(port, proc)
 
     def listening():

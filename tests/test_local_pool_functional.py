@@ -126,3 +126,10 @@ def test_isolation_off_says_which_ports_are_exposed(stickyproxy):
     assert b["isolated"] is False and b["exposed_port"] == b["port"]
     assert proxy.log(r'ISOLATION_OFF reason="--isolation off"')
     assert proxy.log(rf"ISOLATION_OFF backend=local-1 exposed_ports={b['port']}")
+
+
+def test_an_inherited_certificate_directory_is_warned_about_at_start(stickyproxy):
+    proxy = stickyproxy("--local", "1", "--isolation", "off", "--check-interval", "500ms",
+                        env={"SSL_CERT_DIR": "/etc/ssl/certs"})
+    wait_up(proxy, 1)
+    assert proxy.log(r'LOCAL_ENV_COSTLY var=SSL_CERT_DIR value="/etc/ssl/certs" browser=phantomjs')
