@@ -136,14 +136,14 @@ class Worker(threading.Thread):
             t0 = time.perf_counter()
             record = t0 >= R.window_start_pc  # commands of sessions begun in the window
             sid = None
-            backend = None
+            backend = live = None  # live: the backend counting this session until its quit is sent
             try:
                 doc, r = self.timed("new_session", "POST", "/session", R.new_session_body, cookie, record)
                 sid = doc.get("sessionId") or (doc.get("value") or {}).get("sessionId")
                 if not sid:
                     raise CommandError("no sessionId")
-                backend = R.backend_of(self, r)
-                R.live_add(backend, +1)
+                backend = live = R.backend_of(self, r)
+                R.live_add(live, +1)
                 s = f"/session/{sid}"
                 self.timed("url", "POST", s + "/url", {"url": R.page_url}, cookie, record)
                 doc, _ = self.timed("title", "GET", s + "/title", None, cookie, record)
@@ -160,9 +160,15 @@ class Worker(threading.Thread):
                                     {"script": "return 1+2", "args": []}, cookie, record)
                 if doc.get("value") != 3:
                     raise CommandError("wrong script result")
+                # Live from the new-session answer until the quit is sent: the span in which the
+                # session is certainly pinned on that backend, whatever the proxy. Counting until
+                # the quit's answer instead overlaps the next session placed on the freed slot
+                # (the proxy frees it before this thread reads the answer) and shows peaks that
+                # no backend ever had.
+                R.live_add(live, -1)
+                live = None
                 self.timed("quit", "DELETE", s, None, cookie, record)
                 sid = None
-                R.live_add(backend, -1)
                 t1 = time.perf_counter()
                 if R.window_start_pc <= t1 < R.window_end_pc:
                     self.completed += 1
@@ -176,12 +182,12 @@ class Worker(threading.Thread):
                 if self.conn is not None:
                     self.conn.close()
                     self.conn = None
+                R.live_add(live, -1)
                 if sid is not None:
                     try:
                         self.call("DELETE", f"/session/{sid}", None, cookie)
                     except Exception:
                         pass
-                    R.live_add(backend, -1)
         if self.conn is not None:
             self.conn.close()
 
