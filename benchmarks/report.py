@@ -330,8 +330,10 @@ def markdown(results: dict) -> str:
               "`stickyproxy-recycle`: stickyproxy's own pool (`--local 4`), each backend drained and replaced "
               "after N sessions. `stickyproxy-norestart`: the same pool never restarted. PhantomJS memory is "
               "sampled every 0.25 s: the sum over live processes (peak, at the window's end) and the largest "
-              "single process. Ended sessions are stickyproxy's own count by reason.", "",
-              "| contender | restarts (policy) | sessions/s | x no restarts | failed | session p50/p99 ms | "
+              "single process. Ended sessions are stickyproxy's own count by reason. Sessions/s compare within "
+              "one proxy only (HAProxy spends less CPU per session than stickyproxy, part 1); across "
+              "proxies, compare failed sessions.", "",
+              "| contender | restarts (policy) | sessions/s | x the same pool never restarted | failed | session p50/p99 ms | "
               "PhantomJS RSS MiB: peak / end / largest one | sessions ended (stickyproxy) |",
               "|---|---|---|---|---|---|---|---|"]
         for c in rs:
@@ -341,7 +343,8 @@ def markdown(results: dict) -> str:
             sl = c["session_latency"]
             ended = ", ".join(f"{k} {v}" for k, v in (c.get("sessions_ended") or {}).items()) or "-"
             L.append(f"| {c['contender']} | {c.get('restarts', 0)} ({c.get('restart_policy', '-')}) | "
-                     f"{c['sessions_per_s']:.1f} | {_rx(_ratio(c['sessions_per_s'], base and base['sessions_per_s']))} | "
+                     f"{c['sessions_per_s']:.1f} | "
+                     f"{_rx(_ratio(c['sessions_per_s'], base and base['sessions_per_s'])) if c['contender'].startswith(SP) else '-'} | "
                      f"{_failed(c)} | "
                      f"{_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {c['phantom_rss_mib_peak']} / "
                      f"{c['phantom_rss_mib_end']} / {c.get('phantom_rss_mib_largest', '-')} | {ended} |")
