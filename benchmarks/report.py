@@ -336,19 +336,16 @@ def markdown(results: dict) -> str:
               "| contender | restarts (policy) | sessions/s | x the same pool never restarted | failed | session p50/p99 ms | "
               "PhantomJS RSS MiB: peak / end / largest one | sessions ended (stickyproxy) |",
               "|---|---|---|---|---|---|---|---|"]
-        for c in rs:
-            if "error" in c:
-                L.append(f"| {c['contender']} | error: {_one(c['error'])} |||||||")
-                continue
+        def restart_row(c: dict) -> str:
             sl = c["session_latency"]
             ended = ", ".join(f"{k} {v}" for k, v in (c.get("sessions_ended") or {}).items()) or "-"
-            L.append(f"| {c['contender']} | {c.get('restarts', 0)} ({c.get('restart_policy', '-')}) | "
-                     f"{c['sessions_per_s']:.1f} | "
-                     f"{_rx(_ratio(c['sessions_per_s'], base and base['sessions_per_s'])) if c['contender'].startswith(SP) else '-'} | "
-                     f"{_failed(c)} | "
-                     f"{_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {c['phantom_rss_mib_peak']} / "
-                     f"{c['phantom_rss_mib_end']} / {c.get('phantom_rss_mib_largest', '-')} | {ended} |")
-        L.append("")
+            return (f"| {c['contender']} | {c.get('restarts', 0)} ({c.get('restart_policy', '-')}) | "
+                    f"{c['sessions_per_s']:.1f} | "
+                    f"{_rx(_ratio(c['sessions_per_s'], base and base['sessions_per_s'])) if c['contender'].startswith(SP) else '-'} | "
+                    f"{_failed(c)} | {_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {c['phantom_rss_mib_peak']} / "
+                    f"{c['phantom_rss_mib_end']} / {c.get('phantom_rss_mib_largest', '-')} | {ended} |")
+
+        L += _contender_rows(rs, 8, restart_row) + [""]
     dk = results.get("docker")
     if dk:
         h = next((c for c in dk if c.get("contender") == "haproxy-compose" and "error" not in c), None)
@@ -363,17 +360,14 @@ def markdown(results: dict) -> str:
               "| contender | sessions/s | xHAProxy | failed | session p50/p99 ms | proxy CPU | containers CPU | "
               "live peaks | spread |",
               "|---|---|---|---|---|---|---|---|---|"]
-        for c in dk:
-            if "error" in c:
-                L.append(f"| {c['contender']} | error: {_one(c['error'])} ||||||||")
-                continue
+        def container_row(c: dict) -> str:
             sl, cpu = c["session_latency"], c["cpu_ms_per_session"]
-            L.append(f"| {c['contender']} | {c['sessions_per_s']:.1f} | "
-                     f"{_rx(_ratio(c['sessions_per_s'], h and h['sessions_per_s']))} | "
-                     f"{_failed(c)} | "
-                     f"{_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {_f(cpu.get('proxy'), 2)} | "
-                     f"{_f(cpu.get('containers'), 1)} | {_peaks(c)} | {_f(c.get('spread'), 2)} |")
-        L.append("")
+            return (f"| {c['contender']} | {c['sessions_per_s']:.1f} | "
+                    f"{_rx(_ratio(c['sessions_per_s'], h and h['sessions_per_s']))} | {_failed(c)} | "
+                    f"{_f(sl['p50_ms'])} / {_f(sl['p99_ms'])} | {_f(cpu.get('proxy'), 2)} | "
+                    f"{_f(cpu.get('containers'), 1)} | {_peaks(c)} | {_f(c.get('spread'), 2)} |")
+
+        L += _contender_rows(dk, 9, container_row) + [""]
     t = targets(results)
     if t:
         L += ["## Targets (issue 3's; rows marked \"this project's bar\" are ours)", "", "| target | measured | verdict |", "|---|---|---|"]
@@ -387,6 +381,12 @@ def _us_split(m: dict) -> str:
     if "sys_us_per_request" not in m:
         return ""
     return f" ({m['user_us_per_request']} + {m['sys_us_per_request']})"
+
+
+def _contender_rows(cells: list[dict], columns: int, render) -> list[str]:
+    """One table row per contender: `render`'s, or the error it ran into across the row."""
+    return [f"| {c['contender']} | error: {_one(c['error'])} |" + "|" * (columns - 2) if "error" in c
+            else render(c) for c in cells]
 
 
 def _failed(c: dict) -> str:
