@@ -185,3 +185,41 @@ async def test_a_backend_that_sends_half_an_answer_times_out():
             assert upstream.in_use == 0 and upstream._slots.free == 1  # nothing held
         finally:
             upstream.close()
+
+
+async def test_each_request_times_out_on_its_own_deadline_under_one_shared_timer():
+    """One timer serves every awaited answer of a backend: a shorter timeout that arrives
+    after a longer one still fires first, a quick answer meanwhile is untouched, and the
+    longer one still fires after it."""
+    async def serve(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.split()[1] == b"/quick":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+            else:
+                await reader.read()  # hangs on purpose: this answer never comes
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=3)
+        loop = asyncio.get_running_loop()
+        ended: dict[str, float] = {}
+
+        async def hang(name: str, timeout: float) -> None:
+            with pytest.raises(TimeoutError):
+                await upstream.request("GET", f"/{name}", [], None, timeout=timeout)
+            ended[name] = loop.time() - began
+
+        try:
+            began = loop.time()
+            slow = asyncio.ensure_future(hang("slow", 1.2))
+            await asyncio.sleep(0.05)
+            short = asyncio.ensure_future(hang("short", 0.3))
+            answer = await upstream.request("GET", "/quick", [], None, timeout=5)
+            assert answer.ready_body() == b"ok"
+            answer.release()
+            await asyncio.wait_for(asyncio.gather(slow, short), 5)  # each one fires at all
+            assert 0.3 <= ended["short"] < 1.0 <= 1.2 <= ended["slow"] < 3
+            assert upstream.in_use == 0 and upstream._slots.free == 3 and not upstream._deadlines
+        finally:
+            upstream.close()
