@@ -105,8 +105,13 @@ def main() -> int:
     try:
         if a.scenario in ("overhead", "newsession"):
             nginx, (nport,) = stack.start_nginx(1)
-            proxy, port, _ = stack.start_stickyproxy([nport])
-            ids, _ = create_sessions("127.0.0.1", port, 1, 1)
+            proxy, port, sport = stack.start_stickyproxy([nport])
+            from . import e2e
+
+            e2e.wait_all_up(sport, 1)  # a session cannot be created before its backend is up
+            ids, errors = create_sessions("127.0.0.1", port, 1, 1)
+            if not ids:
+                sys.exit(f"could not create a session: {errors[:1]}")
             time.sleep(0.5)
             args = dict(connections=64, duration=a.seconds + 2, lua="")
             url = f"http://127.0.0.1:{port}/session/{ids[0]}/title"

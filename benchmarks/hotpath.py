@@ -1,0 +1,299 @@
+"""The Python cost of one proxied command, without sockets: how fast stickyproxy's own code is.
+
+Part 2 measures a whole request through the kernel, and on this shared 2-core machine one
+3-second wrk run differs from the next by 20%: too coarse to see a change worth 5%. Here the
+real server (`server.Server`, the real WebDriver port, session table, metrics, upstream pool)
+runs in one process, and only the two sockets are replaced by memory:
+
+- each client connection is a `front.Connection` whose transport hands its answer back and
+  feeds the next request (`GET /session/<id>/title`, the overhead part's command);
+- each backend connection is an `upstream._Connection` whose transport answers every request
+  with nginx's bytes (a fixed WebDriver JSON answer, a new session for `POST /session`).
+  This in-memory backend exists only to take the kernel out of the measurement; every
+  behaviour test uses real servers.
+
+CPU per command is `time.process_time()` over a fixed number of commands, C client
+connections at once (the limit of 7 connections per backend makes C=64 queue as it does
+under wrk). `--compare REF...` runs each git ref (or `worktree`, or `floor`: the same load on
+benchmarks/floor_proxy.py, the least a Python forwarder spends) in its own process, the refs
+alternating over rounds, and reports per ref the minimum, the median and the median of
+the ratios to the first ref within each round (which cancels the machine's drift):
+
+    python -m benchmarks.hotpath --compare HEAD worktree [--rounds 10] [--connections 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BODY = b'{"sessionId":"%s","status":0,"value":"WebDriver title"}'
+NEW = b'{"sessionId":"%s","status":0,"value":{"browserName":"phantomjs"}}'
+STATUS = b'{"status":0,"value":{"ready":true,"build":{"version":"2.1.1"}}}'
+
+
+def nginx_answer(body: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 04:40:00 GMT\r\n"
+            b"Content-Type: application/json;charset=UTF-8\r\nContent-Length: %d\r\n"
+            b"Connection: keep-alive\r\n\r\n%b" % (len(body), body))
+
+
+class BackendTransport(asyncio.Transport):
+    """The backend's side of one upstream connection: answers each request written to it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self.loop, self.protocol, self.closed = loop, protocol, False
+        self.sid = b"0" * 32
+
+    def write(self, data: bytes) -> None:
+        line = data[:data.index(b"\r\n")]
+        if line.startswith(b"POST /session "):
+            answer = nginx_answer(NEW % self.sid)
+        elif line.startswith(b"GET /status "):
+            answer = nginx_answer(STATUS)
+        else:
+            answer = nginx_answer(BODY % self.sid)
+        self.loop.call_soon(self.protocol.data_received, answer)
+
+    def get_extra_info(self, name, default=None):
+        return default  # no socket: no TCP options to set
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.call_soon(self.protocol.connection_lost, None)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class ClientTransport(asyncio.Transport):
+    """A keep-alive client, like one wrk connection: the next request once an answer is out."""
+
+    def __init__(self, loop, run: "Run") -> None:
+        super().__init__()
+        self.loop, self.run, self.closed = loop, run, False
+        self.protocol: asyncio.Protocol | None = None
+
+    def write(self, data: bytes) -> None:
+        if not data.startswith(b"HTTP/1.1 200 "):
+            self.run.failed(data)
+        elif self.run.answered():
+            self.loop.call_soon(self.protocol.data_received, self.run.request)
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Run:
+    def __init__(self, request: bytes, total: int) -> None:
+        self.request, self.left, self.errors = request, total, []
+        self.done = asyncio.get_running_loop().create_future()
+
+    def answered(self) -> bool:
+        self.left -= 1
+        if self.left <= 0 and not self.done.done():
+            self.done.set_result(None)
+        return self.left > 0
+
+    def failed(self, data: bytes) -> None:
+        self.errors.append(data[:300])
+        if not self.done.done():
+            self.done.set_exception(RuntimeError(f"unexpected answer: {data[:300]!r}"))
+
+
+async def measure(connections: int, requests: int) -> dict:
+    from stickyproxy import config, upstream
+    from stickyproxy.server import Server
+
+    async def memory_open(self, timeout: float):
+        conn = upstream._Connection()
+        conn.connection_made(BackendTransport(asyncio.get_running_loop(), conn))
+        self.opened_total += 1
+        return conn
+
+    upstream.Upstream._open = memory_open  # this process only: nothing else runs in it
+    settings = config.build({"backend": ["http://127.0.0.1:9"], "listen": "127.0.0.1:0",
+                             "stats_listen": "127.0.0.1:0", "log_level": "warning"}, {}, {})
+    server = Server(settings)
+    await server.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any(b.health.up for b in server.pool):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the in-memory backend never came up")
+            await asyncio.sleep(0.01)
+        port = server._port
+        loop = asyncio.get_running_loop()
+        # One session, created through the real new-session path, then pinned commands.
+        run = Run(b"", 1)
+        setup = ClientTransport(loop, run)
+        conn = setup.protocol = port()
+        conn.connection_made(setup)
+        body = b'{"desiredCapabilities":{"browserName":"phantomjs"}}'
+        conn.data_received(b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        await asyncio.wait_for(run.done, 10)
+        setup.closed = True
+        conn.connection_lost(None)
+        sid = next(iter(server.sessions.live))  # learned from the backend's answer
+        request = (b"GET /session/%s/title HTTP/1.1\r\nHost: 127.0.0.1:8910\r\n"
+                   b"Accept: application/json\r\n\r\n" % sid.encode())
+        for warm, count in ((True, min(requests, 10000)), (False, requests)):
+            run = Run(request, count)
+            clients = []
+            for _ in range(connections):
+                transport = ClientTransport(loop, run)
+                conn = transport.protocol = port()
+                conn.connection_made(transport)
+                clients.append((conn, transport))
+            cpu, wall = time.process_time(), time.perf_counter()
+            for conn, _ in clients:
+                conn.data_received(request)
+            await asyncio.wait_for(run.done, 120)
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            for conn, transport in clients:
+                transport.closed = True
+                conn.connection_lost(None)
+            await asyncio.sleep(0)
+        served = requests + connections - 1  # the in-flight ones when the count was reached
+        return {"connections": connections, "requests": requests,
+                "cpu_us": cpu * 1e6 / served, "wall_us": wall * 1e6 / served}
+    finally:
+        await server.stop()
+
+
+async def measure_floor(connections: int, requests: int) -> dict:
+    """The same load on benchmarks/floor_proxy.py (the least a Python forwarder can do), its
+    8 upstream connections opened in memory up front (it never closes a keep-alive one)."""
+    import floor_proxy as fp  # this file's directory is on sys.path when run as a script
+
+    loop = asyncio.get_running_loop()
+    backend = fp.Backend("http://127.0.0.1:9", "b1")
+    fp.Client.backends = [backend]
+    for _ in range(fp.LIMIT):
+        conn = fp.Upstream()
+        conn.transport = BackendTransport(loop, conn)
+        backend.idle.append(conn)
+
+    async def drive(request: bytes, count: int, clients: int) -> tuple[float, float]:
+        run = Run(request, count)
+        protocols = []
+        for _ in range(clients):
+            transport = ClientTransport(loop, run)
+            client = transport.protocol = fp.Client()
+            client.connection_made(transport)
+            protocols.append(client)
+        cpu, wall = time.process_time(), time.perf_counter()
+        for client in protocols:
+            client.data_received(request)
+        await asyncio.wait_for(run.done, 120)
+        return time.process_time() - cpu, time.perf_counter() - wall
+
+    body = b'{"desiredCapabilities":{"browserName":"phantomjs"}}'
+    await drive(b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(body), body), 1, 1)
+    sid = next(iter(fp.Client.pins))
+    request = (b"GET /session/%s/title HTTP/1.1\r\nHost: 127.0.0.1:8910\r\n"
+               b"Accept: application/json\r\n\r\n" % sid)
+    await drive(request, min(requests, 10000), connections)
+    cpu, wall = await drive(request, requests, connections)
+    await asyncio.sleep(0.01)  # the in-flight ones finish
+    served = requests + connections - 1
+    return {"connections": connections, "requests": requests,
+            "cpu_us": cpu * 1e6 / served, "wall_us": wall * 1e6 / served}
+
+
+def run_one(ref_path: str, connections: int, requests: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO) if ref_path == "floor" else ref_path)
+    floor = ["--floor"] if ref_path == "floor" else []
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run", *floor,
+                        "--connections", str(connections), "--requests", str(requests)],
+                       capture_output=True, text=True, env=env,
+                       cwd=str(REPO) if ref_path == "floor" else ref_path, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(f"hot path run failed: {p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def snapshot(ref: str, into: Path) -> str:
+    """`ref` as committed (git archive), or the working tree for 'worktree'."""
+    if ref == "worktree":
+        return str(REPO)
+    if ref == "floor":
+        return "floor"
+    dst = into / ref.replace("/", "_")
+    dst.mkdir()
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, "stickyproxy"],
+                         capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dst)], input=tar, check=True)
+    return str(dst)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.hotpath")
+    ap.add_argument("--compare", nargs="+", default=["worktree"], metavar="REF")
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=30000)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--run", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.run:
+        import uvloop
+        print(json.dumps(uvloop.run((measure_floor if a.floor else measure)(a.connections,
+                                                                            a.requests))))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="sp-hotpath-") as tmp:
+        paths = {ref: snapshot(ref, Path(tmp)) for ref in a.compare}
+        results: dict[str, list[float]] = {ref: [] for ref in a.compare}
+        for r in range(a.rounds):
+            order = a.compare if r % 2 == 0 else list(reversed(a.compare))
+            for ref in order:
+                results[ref].append(run_one(paths[ref], a.connections, a.requests)["cpu_us"])
+        base = results[a.compare[0]]
+        print(f"CPU us per command, {a.connections} connections, {a.requests} commands per run, "
+              f"{a.rounds} rounds (each ref in its own process, alternating). The machine's "
+              "speed drifts between runs: the paired ratio (same round) and the minimum are the "
+              "figures to trust.")
+        for ref, values in results.items():
+            ratios = [v / b for v, b in zip(values, base)]
+            print(f"  {ref:12s} min {min(values):6.2f}  median {statistics.median(values):6.2f}"
+                  f"  paired ratio x{statistics.median(ratios):.3f} (min x{min(values) / min(base):.3f})"
+                  f"  runs {', '.join(f'{v:.1f}' for v in values)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
