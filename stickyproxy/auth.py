@@ -66,10 +66,7 @@ class Authenticator:
         self.users = users or {}
         # Checking a password is deliberately slow (PBKDF2); remember good ones by fingerprint.
         self._good: dict[bytes, str] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.token or self.users)
+        self.enabled = bool(self.token or self.users)  # read for every request: an attribute
 
     def check(self, authorization: str | None) -> Verdict:
         if not self.enabled:

@@ -45,6 +45,10 @@ class Backend:
     replacement: str = ""  # id of the backend started to take its place
     started: float = field(default_factory=time.monotonic)  # this generation's start
     generation_sessions: int = 0  # sessions created since `started`
+    served_by: bytes = b""  # the header line naming it on each answer (built once, not per answer)
+
+    def __post_init__(self) -> None:
+        self.served_by = b"X-Stickyproxy-Backend: %b\r\n" % self.spec.id.encode()
 
     @property
     def id(self) -> str:

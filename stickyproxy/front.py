@@ -382,9 +382,12 @@ class Connection(asyncio.Protocol):
     def answer(self, status: int, headers: Iterable[Header] | bytes, body: bytes, close: bool,
                length: int | None = None) -> None:
         """A whole answer in one write (`length`: a HEAD answer's, whose body is not sent)."""
-        self.write(b"%bContent-Length: %d\r\n\r\n%b" % (
-            self.head(status, headers, close), len(body) if length is None else length, body),
-            close)
+        if not isinstance(headers, (bytes, bytearray)):
+            headers = b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers)
+        self.write(b"HTTP/1.1 %d %b\r\n%b%bContent-Length: %d\r\n\r\n%b" % (
+            status, _REASONS.get(status, b"Unknown"), headers,
+            b"Connection: close\r\n" if close else b"", len(body) if length is None else length,
+            body), close)
 
     def write(self, data: bytes | bytearray, close: bool) -> None:
         transport = self.transport

@@ -294,8 +294,17 @@ class Metrics:
 
     def observe(self, timing: Timing, elapsed: float) -> None:
         """One finished request (called once per request by the proxy handler)."""
-        self._request[timing.kind].observe(elapsed)
-        self._overhead[timing.kind].observe(max(0.0, elapsed - timing.backend - timing.queued))
+        # Buckets.observe inlined: two method calls less on every request.
+        kind = timing.kind
+        buckets = self._request[kind]
+        buckets.counts[bisect_left(buckets.bounds, elapsed)] += 1
+        buckets.sum += elapsed
+        own = elapsed - timing.backend - timing.queued
+        if own < 0.0:
+            own = 0.0
+        buckets = self._overhead[kind]
+        buckets.counts[bisect_left(buckets.bounds, own)] += 1
+        buckets.sum += own
 
     def observe_queue_wait(self, seconds: float) -> None:
         self.queue_wait_seconds.observe(seconds)

@@ -256,7 +256,7 @@ async def _rewrite_stream(chunks: AsyncIterator[bytes], rewriter) -> AsyncIterat
 
 
 def _answer_headers(answer: Response, backend: Backend) -> bytes:
-    return answer.forward + b"X-Stickyproxy-Backend: %b\r\n" % backend.id.encode()
+    return answer.forward + backend.served_by
 
 
 async def _relay(request: Request, answer: Response, backend: Backend,
