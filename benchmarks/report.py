@@ -136,9 +136,18 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                 worst = max(r["cpu_us_per_request"] for r in series)
                 growth = worst / first["cpu_us_per_request"] - 1
                 ref = _haproxy_growth(series)
+                unpaired = (f"{first['cpu_us_per_request']} -> {last['cpu_us_per_request']} us "
+                            f"(worst +{growth * 100:.0f}%){_split_growth(series)}")
+                paired = [r["paired"]["ratio"] for r in series if "paired" in r]
+                if len(paired) == len(series):  # measured beside a reference: the drift cancelled
+                    growth = max(paired[1:]) - 1
+                    measured = (f"x{paired[-1]:.3f} the reference at {last[label]:,} (worst "
+                                f"{growth * 100:+.0f}%; A/A at {first[label]:,}: x{paired[0]:.3f}); "
+                                f"unpaired, best runs minutes apart: {unpaired}")
+                else:
+                    measured = unpaired
                 out.append((f"state: CPU/request flat within 10%, {label} {first[label]:,} -> {last[label]:,}",
-                            f"{first['cpu_us_per_request']} -> {last['cpu_us_per_request']} us "
-                            f"(worst +{growth * 100:.0f}%){_split_growth(series)}{ref}{_decisions(series)}",
+                            f"{measured}{ref}{_decisions(series)}",
                             verdict(growth <= 0.10, f"{(growth - 0.10) * 100:.0f} points")))
     return out
 
@@ -286,18 +295,25 @@ def markdown(results: dict) -> str:
               f"{m.get('scale_backend_sessions', 1000):,} sessions (backends from a `--config` TOML file). "
               "Creation rate is 64 concurrent `POST /session` through the proxy. Routing and placement "
               "are the decisions alone, timed in-process on the same state (`routing_cost.py`: route, "
-              "session, backend and its health for a command; `Pool.pick` for a new session).", "",
-              "| sessions | backends | req/s | vs first | CPU us/request | vs first | p99 us | RSS MiB | creates/s | errors | routing ns | placement ns |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "session, backend and its health for a command; `Pool.pick` for a new session). "
+              "`x reference` is the flatness measure: CPU per request over that of a reference "
+              "proxy in the series' first state, kept alive and run alternately beside each point "
+              "(A B B A A B B A, the median of the four ratios), because the machine drifts more between "
+              "minutes than the 10% target; at the first point it is an A/A check of the method. "
+              "`vs first` compares the best runs of points minutes apart.", "",
+              "| sessions | backends | req/s | vs first | CPU us/request | vs first | x reference (paired) | p99 us | RSS MiB | creates/s | errors | routing ns | placement ns |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in ("sessions", "backends"):
             rows = sc.get(key, [])
             first = next((r for r in rows if "error" not in r), None)
             for r in rows:
                 if "error" in r:
-                    L.append(f"| {r.get('sessions', '-')} | {r.get('backends', '-')} | error: {_one(r['error'])} |||||||||")
+                    L.append(f"| {r.get('sessions', '-')} | {r.get('backends', '-')} | error: {_one(r['error'])} ||||||||||")
                     continue
+                pair = r.get("paired")
                 L.append(f"| {r['sessions']:,} | {r['backends']:,} | {r['rps']:.0f} | {_rx(_ratio(r['rps'], first['rps']))} | "
                          f"{r['cpu_us_per_request']} | {_rx(_ratio(r['cpu_us_per_request'], first['cpu_us_per_request']))} | "
+                         f"{'x%.3f (%s)' % (pair['ratio'], ', '.join(map(str, pair['ratios']))) if pair else '-'} | "
                          f"{r['p99_us']} | {r['rss_mib']} | {_f(r.get('creates_per_s'), 0)} | {r['errors'] + r.get('create_errors', 0)} | "
                          f"{_f(r.get('routing', {}).get('pinned_ns'), 0)} | {_f(r.get('routing', {}).get('placement_ns'), 0)} |")
         L.append("")
