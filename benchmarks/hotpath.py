@@ -21,14 +21,19 @@ alternating over rounds, and reports per ref the minimum, the median and the med
 the ratios to the first ref within each round (which cancels the machine's drift):
 
     python -m benchmarks.hotpath --compare HEAD worktree [--rounds 10] [--connections 64]
+    python -m benchmarks.hotpath --lifecycle          # new session + delete instead (per request)
+    python -m benchmarks.hotpath --backends 1000 --sessions 1000   # commands over a larger state
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
+import random
+import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BODY = b'{"sessionId":"%s","status":0,"value":"WebDriver title"}'
 NEW = b'{"sessionId":"%s","status":0,"value":{"browserName":"phantomjs"}}'
+_IDS = itertools.count(1)  # a new session id for every POST /session
 STATUS = b'{"status":0,"value":{"ready":true,"build":{"version":"2.1.1"}}}'
 
 
@@ -59,7 +65,7 @@ class BackendTransport(asyncio.Transport):
     def write(self, data: bytes) -> None:
         line = data[:data.index(b"\r\n")]
         if line.startswith(b"POST /session "):
-            answer = nginx_answer(NEW % self.sid)
+            answer = nginx_answer(NEW % b"%032x" % next(_IDS))
         elif line.startswith(b"GET /status "):
             answer = nginx_answer(STATUS)
         else:
@@ -96,7 +102,7 @@ class ClientTransport(asyncio.Transport):
         if not data.startswith(b"HTTP/1.1 200 "):
             self.run.failed(data)
         elif self.run.answered():
-            self.loop.call_soon(self.protocol.data_received, self.run.request)
+            self.loop.call_soon(self.protocol.data_received, self.run.next_request(data))
 
     def get_extra_info(self, name, default=None):
         return ("127.0.0.1", 40000) if name == "peername" else default
@@ -121,8 +127,9 @@ CHUNK = 1000  # commands per slice of a run; the fastest slices are the least di
 
 
 class Run:
-    def __init__(self, request: bytes, total: int) -> None:
-        self.request, self.left, self.errors = request, total, []
+    def __init__(self, requests: list[bytes], total: int) -> None:
+        self.requests, self.left, self.errors = requests, total, []
+        self._turn = itertools.cycle(requests).__next__
         self.done = asyncio.get_running_loop().create_future()
         self.marks = [time.process_time()]  # CPU clock at every CHUNK answers
 
@@ -143,13 +150,33 @@ class Run:
         return {"connections": connections, "requests": requests, "cpu_us_whole": whole,
                 "cpu_us": slices[len(slices) // 10] if slices else whole}
 
+    def next_request(self, answer: bytes = b"") -> bytes:
+        return self._turn()
+
+
+CAPABILITIES = b'{"desiredCapabilities":{"browserName":"phantomjs"}}'
+NEW_SESSION = (b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%b" % (len(CAPABILITIES), CAPABILITIES))
+_SID = re.compile(rb'"sessionId":"([0-9a-f]+)"')
+
+
+class Lifecycle(Run):
+    """Each client: a new session, then its delete, over and over (the new-session path)."""
+
+    def next_request(self, answer: bytes = b"") -> bytes:
+        found = _SID.search(answer) if b'"browserName"' in answer else None
+        if found is None:
+            return NEW_SESSION
+        return b"DELETE /session/%s HTTP/1.1\r\nHost: x\r\n\r\n" % found.group(1)
+
     def failed(self, data: bytes) -> None:
         self.errors.append(data[:300])
         if not self.done.done():
             self.done.set_exception(RuntimeError(f"unexpected answer: {data[:300]!r}"))
 
 
-async def measure(connections: int, requests: int) -> dict:
+async def measure(connections: int, requests: int, backends: int = 1, sessions: int = 1,
+                  lifecycle: bool = False) -> dict:
     from stickyproxy import config, upstream
     from stickyproxy.server import Server
 
@@ -160,34 +187,37 @@ async def measure(connections: int, requests: int) -> dict:
         return conn
 
     upstream.Upstream._open = memory_open  # this process only: nothing else runs in it
-    settings = config.build({"backend": ["http://127.0.0.1:9"], "listen": "127.0.0.1:0",
-                             "stats_listen": "127.0.0.1:0", "log_level": "warning"}, {}, {})
+    settings = config.build({"backend": [f"http://127.0.0.1:{10000 + i}" for i in range(backends)],
+                             "listen": "127.0.0.1:0", "stats_listen": "127.0.0.1:0",
+                             "log_level": "warning"}, {}, {})
     server = Server(settings)
     await server.start()
     try:
-        deadline = time.monotonic() + 10
-        while not any(b.health.up for b in server.pool):
+        deadline = time.monotonic() + 30
+        while sum(b.health.up for b in server.pool) < backends:
             if time.monotonic() > deadline:
-                raise RuntimeError("the in-memory backend never came up")
+                raise RuntimeError("the in-memory backends never came up")
             await asyncio.sleep(0.01)
         port = server._port
         loop = asyncio.get_running_loop()
-        # One session, created through the real new-session path, then pinned commands.
-        run = Run(b"", 1)
+        # The sessions, created through the real new-session path (placed over the backends),
+        # then pinned commands walking over them.
+        run = Run([NEW_SESSION], sessions + 1)
         setup = ClientTransport(loop, run)
         conn = setup.protocol = port()
         conn.connection_made(setup)
-        body = b'{"desiredCapabilities":{"browserName":"phantomjs"}}'
-        conn.data_received(b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
-        await asyncio.wait_for(run.done, 10)
+        conn.data_received(run.next_request())
+        await asyncio.wait_for(run.done, 60)
         setup.closed = True
         conn.connection_lost(None)
-        sid = next(iter(server.sessions.live))  # learned from the backend's answer
-        request = (b"GET /session/%s/title HTTP/1.1\r\nHost: 127.0.0.1:8910\r\n"
-                   b"Accept: application/json\r\n\r\n" % sid.encode())
+        sids = list(server.sessions.live)  # learned from the backends' answers
+        if len(sids) < sessions:
+            raise RuntimeError(f"only {len(sids)} of {sessions} sessions were created")
+        paths = [(b"GET /session/%s/title HTTP/1.1\r\nHost: 127.0.0.1:8910\r\n"
+                  b"Accept: application/json\r\n\r\n" % sid.encode()) for sid in sids]
+        random.Random(1).shuffle(paths)
         for warm, count in ((True, min(requests, 10000)), (False, requests)):
-            run = Run(request, count)
+            run = Lifecycle([NEW_SESSION], count) if lifecycle else Run(paths, count)
             clients = []
             for _ in range(connections):
                 transport = ClientTransport(loop, run)
@@ -195,13 +225,14 @@ async def measure(connections: int, requests: int) -> dict:
                 conn.connection_made(transport)
                 clients.append((conn, transport))
             for conn, _ in clients:
-                conn.data_received(request)
+                conn.data_received(run.next_request())
             await asyncio.wait_for(run.done, 120)
             for conn, transport in clients:
                 transport.closed = True
                 conn.connection_lost(None)
             await asyncio.sleep(0)
-        return run.figures(connections, requests)
+        return {**run.figures(connections, requests), "backends": backends, "sessions": sessions,
+                "lifecycle": lifecycle}
     finally:
         await server.stop()
 
@@ -220,7 +251,7 @@ async def measure_floor(connections: int, requests: int) -> dict:
         backend.idle.append(conn)
 
     async def drive(request: bytes, count: int, clients: int) -> Run:
-        run = Run(request, count)
+        run = Run([request], count)
         protocols = []
         for _ in range(clients):
             transport = ClientTransport(loop, run)
@@ -244,11 +275,12 @@ async def measure_floor(connections: int, requests: int) -> dict:
     return run.figures(connections, requests)
 
 
-def run_one(ref_path: str, connections: int, requests: int) -> dict:
+def run_one(ref_path: str, connections: int, requests: int, extra: list[str] = ()) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) if ref_path == "floor" else ref_path)
     floor = ["--floor"] if ref_path == "floor" else []
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run", *floor,
-                        "--connections", str(connections), "--requests", str(requests)],
+                        "--connections", str(connections), "--requests", str(requests),
+                        *([] if ref_path == "floor" else extra)],
                        capture_output=True, text=True, env=env,
                        cwd=str(REPO) if ref_path == "floor" else ref_path, timeout=600)
     if p.returncode != 0:
@@ -278,19 +310,26 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--backends", type=int, default=1, help="in-memory backends (stickyproxy only)")
+    ap.add_argument("--sessions", type=int, default=1, help="pinned sessions the commands walk over")
+    ap.add_argument("--lifecycle", action="store_true",
+                    help="new session + delete instead of a command (CPU per request of the two)")
     a = ap.parse_args()
     if a.run:
         import uvloop
-        print(json.dumps(uvloop.run((measure_floor if a.floor else measure)(a.connections,
-                                                                            a.requests))))
+        print(json.dumps(uvloop.run(measure_floor(a.connections, a.requests) if a.floor else
+                                    measure(a.connections, a.requests, a.backends, a.sessions,
+                                            a.lifecycle))))
         return 0
+    extra = ["--backends", str(a.backends), "--sessions", str(a.sessions)]
+    extra += ["--lifecycle"] if a.lifecycle else []
     with tempfile.TemporaryDirectory(prefix="sp-hotpath-") as tmp:
         paths = {ref: snapshot(ref, Path(tmp)) for ref in a.compare}
         results: dict[str, list[float]] = {ref: [] for ref in a.compare}
         for r in range(a.rounds):
             order = a.compare if r % 2 == 0 else list(reversed(a.compare))
             for ref in order:
-                results[ref].append(run_one(paths[ref], a.connections, a.requests)["cpu_us"])
+                results[ref].append(run_one(paths[ref], a.connections, a.requests, extra)["cpu_us"])
         base = results[a.compare[0]]
         print(f"CPU us per command, {a.connections} connections, {a.requests} commands per run, "
               f"{a.rounds} rounds (each ref in its own process, alternating). The machine's "
