@@ -12,15 +12,15 @@ runs in one process, and only the two sockets are replaced by memory:
   This in-memory backend exists only to take the kernel out of the measurement; every
   behaviour test uses real servers.
 
-CPU per command is `time.process_time()` over slices of 1,000 commands, C client
-connections at once; a run reports its 10th-percentile slice, because a neighbour's burst on
-this shared machine slows whole runs by up to 50% (the limit of 7 connections per backend makes C=64 queue as it does
-under wrk). `--compare REF...` runs each git ref (or `worktree`, or `floor`: the same load on
+CPU per command is `time.process_time()` over slices of 1,000 commands, C client connections
+at once (the limit of 7 connections per backend makes C=64 queue as it does under wrk); a run
+reports its 10th-percentile slice, because a neighbour's burst on this shared machine slows
+whole runs by up to 50%. `--compare REF...` runs each git ref (or `worktree`, or `floor`: the same load on
 benchmarks/floor_proxy.py, the least a Python forwarder spends) in its own process, the refs
 alternating over rounds, and reports per ref the minimum, the median and the median of
 the ratios to the first ref within each round (which cancels the machine's drift):
 
-    python -m benchmarks.hotpath --compare HEAD worktree [--rounds 10] [--connections 64]
+    python -m benchmarks.hotpath --compare HEAD worktree floor [--rounds 10] [--connections 64]
     python -m benchmarks.hotpath --lifecycle          # new session + delete instead (per request)
     python -m benchmarks.hotpath --backends 1000 --sessions 1000   # commands over a larger state
 """
