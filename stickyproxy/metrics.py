@@ -84,6 +84,9 @@ def families(snap: Mapping[str, Any]) -> list[Metric]:
                      "Requests to the backend that failed in transport")
     conns = gauge("stickyproxy_backend_connections_in_use", "Connections to the backend in use")
     opened = counter("stickyproxy_backend_connections_opened", "Connections opened to the backend")
+    stale = counter("stickyproxy_backend_connections_stale",
+                    "New sessions sent again over a fresh connection after a reused one broke "
+                    "before any answer")
     check_ok = gauge("stickyproxy_backend_check_ok", "1 when the last health check passed")
     check_latency = gauge("stickyproxy_backend_check_latency_seconds",
                           "Latency of the last health check")
@@ -120,6 +123,8 @@ def families(snap: Mapping[str, Any]) -> list[Metric]:
             conns.add_metric(labels, float(connections["in_use"]))
         if _number(connections.get("opened_total")) is not None:
             opened.add_metric(labels, float(connections["opened_total"]))
+        if _number(connections.get("stale_total")) is not None:
+            stale.add_metric(labels, float(connections["stale_total"]))
         check = row.get("last_check")
         if isinstance(check, Mapping):
             check_ok.add_metric(labels, 1.0 if check.get("ok") else 0.0)
@@ -138,7 +143,7 @@ def families(snap: Mapping[str, Any]) -> list[Metric]:
             limit.add_metric(labels, cap)
 
     out: list[Metric] = [info, up, state, draining, created, active, peak, capacity,
-                         ended_by_backend, requests, errors, conns, opened, check_ok,
+                         ended_by_backend, requests, errors, conns, opened, stale, check_ok,
                          check_latency, lost, restarts, exits, oom, memory, limit, age]
 
     ended = counter("stickyproxy_sessions_ended", "Sessions ended, by reason (the SESSION_ENDED "

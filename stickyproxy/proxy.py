@@ -399,7 +399,7 @@ async def _attempt(request: Request, app: App, backend: Backend, body: bytes,
         headers = [h for h in headers if h[0].lower() != b"content-type"]
         headers.append((b"Content-Type", b"application/json; charset=utf-8"))
     answer = await request.timing.on_backend(backend.upstream.request(
-        "POST", request.target, headers, body, timeout=app.timeout, fresh=True))
+        "POST", request.target, headers, body, timeout=app.timeout, replay_stale=True))
     try:
         return answer, await request.timing.on_backend(answer.read())
     except BaseException:

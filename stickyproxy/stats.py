@@ -45,7 +45,8 @@ def snapshot(pool: Pool, sessions: SessionTable, extra: Mapping[str, Mapping[str
             "requests_total": b.requests_total,
             "errors_total": b.errors_total,
             "connections": {"in_use": getattr(b.upstream, "in_use", 0),
-                            "opened_total": getattr(b.upstream, "opened_total", 0)},
+                            "opened_total": getattr(b.upstream, "opened_total", 0),
+                            "stale_total": getattr(b.upstream, "stale_total", 0)},
             "last_check": None if check is None else {
                 "ok": check.ok, "result": check.code, "reason": check.reason,
                 "at": round(check.at, 3), "latency_ms": round(check.latency * 1000, 1)},

@@ -93,6 +93,31 @@ def test_new_session_is_retried_only_when_the_backend_never_saw_it(stickyproxy, 
     assert len(alive.sessions()) == 4
 
 
+def test_a_killed_backend_with_warm_connections_still_sends_new_sessions_elsewhere(
+        stickyproxy, phantomjs):
+    """New sessions reuse a connection answered in the last 2 s: a backend killed right after
+    it answered must still lose no new session (its kept-alive connections break unanswered,
+    the fresh connect is refused, the session goes to the other backend)."""
+    alive = phantomjs()
+    dead = phantomjs()
+    proxy = stickyproxy("--backend", dead.url, "--backend", alive.url, "--check-interval", "60s")
+    wait_up(proxy, 2)
+    held = []
+    for _ in range(2):  # fewest live sessions: one on each, then both connections kept alive
+        status, body, headers = http_json(proxy.url + "/session", "POST", {"desiredCapabilities": {}})
+        assert status == 200, body
+        held.append((body["sessionId"], headers["X-Stickyproxy-Backend"]))
+    assert {b for _, b in held} == {"static-1", "static-2"}
+    for sid, _ in held:
+        assert http_json(f"{proxy.url}/session/{sid}", "DELETE")[0] == 200
+    dead.kill(signal.SIGKILL)
+    for _ in range(4):
+        status, body, headers = http_json(proxy.url + "/session", "POST", {"desiredCapabilities": {}})
+        assert status == 200, body
+        assert headers["X-Stickyproxy-Backend"] == "static-2"
+    assert len(alive.sessions()) == 4
+
+
 def test_no_backend_up_gives_session_not_created(stickyproxy, phantomjs):
     phantom = phantomjs()
     proxy = stickyproxy("--backend", phantom.url, "--check-interval", "200ms", "--fall", "1")

@@ -153,7 +153,7 @@ async def webdriver_session(unix_socket: str, port: int, page: str | None = None
     try:
         resp = await up.request("POST", "/session", [(b"Content-Type", b"application/json")],
                                 json.dumps({"desiredCapabilities": {}}).encode(), timeout=30,
-                                fresh=True)
+                                replay_stale=True)
         body = json.loads(await resp.read())
         resp.release()
         assert resp.status == 200 and body["sessionId"], body

@@ -8,7 +8,8 @@ import contextlib
 
 import pytest
 
-from stickyproxy.upstream import Slots, Upstream
+from stickyproxy import upstream as upstream_module
+from stickyproxy.upstream import NotConnected, Slots, Upstream, UpstreamError
 
 
 async def test_slots_are_taken_without_waiting_until_none_is_free():
@@ -111,9 +112,10 @@ async def test_answers_by_length_chunked_or_closed_connection_read_whole():
 
 
 @contextlib.asynccontextmanager
-async def backend(handle):
-    """A loopback server running `handle(reader, writer)` per connection; on exit every
-    connection is closed and its handler has ended (nothing outlives the test's loop)."""
+async def backend(handle, box: dict | None = None):
+    """A loopback server running `handle(reader, writer)` per connection (`box["server"]` is the
+    server, for a handler that stops it); on exit every connection is closed and its handler
+    has ended (nothing outlives the test's loop)."""
     tasks: set[asyncio.Task] = set()
 
     async def serve(reader, writer):
@@ -126,6 +128,8 @@ async def backend(handle):
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    if box is not None:
+        box["server"] = server
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
@@ -221,5 +225,83 @@ async def test_each_request_times_out_on_its_own_deadline_under_one_shared_timer
             await asyncio.wait_for(asyncio.gather(slow, short), 5)  # each one fires at all
             assert 0.3 <= ended["short"] < 1.0 <= 1.2 <= ended["slow"] < 3
             assert upstream.in_use == 0 and upstream._slots.free == 3 and not upstream._deadlines
+        finally:
+            upstream.close()
+
+
+# --- a new session over a kept-alive connection (replay_stale) ------------------------------
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def closing_second_request(server_box: dict | None = None):
+    """A backend that answers a connection's first request and, on its second, closes the
+    connection unanswered (and, with `server_box`, stops listening first: a backend gone)."""
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        if server_box is not None:
+            server_box["server"].close()
+        writer.close()
+    return serve
+
+
+async def test_a_reused_connection_that_breaks_unanswered_is_replaced_by_a_fresh_one_once():
+    async with backend(closing_second_request()) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=2)
+        try:
+            (await upstream.request("POST", "/session", [], b"{}", timeout=5)).release()
+            answer = await upstream.request("POST", "/session", [], b"{}", timeout=5,
+                                            replay_stale=True)
+            assert answer.ready_body() == b"ok"
+            answer.release()
+            assert upstream.opened_total == 2 and upstream.stale_total == 1
+            # Without replay_stale the same break is the caller's error (it may have been seen).
+            with pytest.raises(UpstreamError):
+                await upstream.request("GET", "/x", [], None, timeout=5)
+            assert upstream.in_use == 0 and upstream._slots.free == 2
+        finally:
+            upstream.close()
+
+
+async def test_a_replayed_new_session_whose_backend_is_gone_is_not_connected():
+    """The fresh connection's refused connect is what lets placement try another backend."""
+    box: dict = {}
+    async with backend(closing_second_request(box), box) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=2)
+        try:
+            (await upstream.request("POST", "/session", [], b"{}", timeout=5)).release()
+            with pytest.raises(NotConnected):
+                await upstream.request("POST", "/session", [], b"{}", timeout=5,
+                                       replay_stale=True)
+            assert upstream.stale_total == 1 and upstream.in_use == 0
+            assert upstream._slots.free == 2
+        finally:
+            upstream.close()
+
+
+async def test_a_new_session_reuses_only_a_connection_answered_lately(monkeypatch):
+    async def serve(reader, writer):
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(OK)
+            await writer.drain()
+
+    monkeypatch.setattr(upstream_module, "WARM", 0.2)
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=2)
+        try:
+            (await upstream.request("GET", "/status", [], None, timeout=5)).release()
+            (await upstream.request("POST", "/session", [], b"{}", timeout=5,
+                                    replay_stale=True)).release()
+            assert upstream.opened_total == 1  # warm: reused
+            await asyncio.sleep(0.3)
+            (await upstream.request("POST", "/session", [], b"{}", timeout=5,
+                                    replay_stale=True)).release()
+            assert upstream.opened_total == 2  # idle too long: a fresh one
+            (await upstream.request("GET", "/status", [], None, timeout=5)).release()
+            assert upstream.opened_total == 2  # commands reuse whatever is idle
         finally:
             upstream.close()
