@@ -118,6 +118,12 @@ async def start_relay(phantomjs: str, rundir: str, name: str, patch: str, log: i
             raise RuntimeError(f"relay: {word} {rest}")
 
 
+async def _get(up: Upstream, target: str, fresh: bool):
+    if fresh:
+        up.close()  # no idle connection left: the request opens its own
+    return await up.request("GET", target, [], None, timeout=10)
+
+
 async def measure(up: Upstream, n: int, fresh: bool, cpu_pid: int | None) -> dict:
     status, body = 0, b""
     resp = await up.request("POST", "/session", [(b"Content-Type", b"application/json")],
@@ -128,14 +134,14 @@ async def measure(up: Upstream, n: int, fresh: bool, cpu_pid: int | None) -> dic
     out = {}
     for target in targets:
         for _ in range(50):  # warm up
-            resp = await up.request("GET", target, [], None, timeout=10, fresh=fresh)
+            resp = await _get(up, target, fresh)
             await resp.read()
             resp.release()
         lat = []
         c0, r0 = time.process_time(), cpu_of(cpu_pid) if cpu_pid else 0.0
         for _ in range(n):
             t0 = time.perf_counter()
-            resp = await up.request("GET", target, [], None, timeout=10, fresh=fresh)
+            resp = await _get(up, target, fresh)
             body = await resp.read()
             status = resp.status
             resp.release()
