@@ -60,7 +60,7 @@ def machine(stack: Stack | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="about 4 minutes: shorter cells, C=8 and 16, up to 10,000 sessions")
+    ap.add_argument("--quick", action="store_true", help="about 6 minutes: shorter cells, C=8 and 16, up to 10,000 sessions")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {','.join(PARTS)}")
     ap.add_argument("--contenders", default=None,
                     help=f"end-to-end contenders (default {','.join(e2e.CONTENDERS)}; quick: {','.join(QUICK)})")
