@@ -11,7 +11,7 @@ and owned by one pool (HAProxy's keep-alive mode stalled for seconds at 16 clien
 A new session may only be placed elsewhere when its backend provably never saw the request.
 It goes over a fresh connection (a refused connect is that proof) unless a connection to the
 backend was answered within the last `WARM` seconds; then it reuses that one, which spares a
-connect and GhostDriver an accept per session (0.2 ms of the proxy's CPU per session, 14%,
+connect and GhostDriver an accept per session (0.24 ms of the proxy's CPU per session, 12%,
 measured end to end). A reused connection can break before any byte of the answer: the backend
 died (and any session it began died with it) or closed the idle connection as the request came
 (and did not serve it). Such a request (`replay_stale`) is sent once more over a fresh
