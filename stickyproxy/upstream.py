@@ -502,9 +502,8 @@ class Upstream:
         self._slots.release()
 
     def close(self) -> None:
-        if self._sweep is not None:  # (answers still awaited are ended by their connections)
-            self._sweep.cancel()
-            self._sweep, self._sweep_at = None, _NEVER
+        """Close the idle connections. Answers still awaited keep their deadlines: the shared
+        timer stays armed while any is pending (a removed backend that hangs still times out)."""
         for conn in self._idle:
             conn.transport.close()
         self._idle.clear()

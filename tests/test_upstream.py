@@ -305,3 +305,23 @@ async def test_a_new_session_reuses_only_a_connection_answered_lately(monkeypatc
             assert upstream.opened_total == 2  # commands reuse whatever is idle
         finally:
             upstream.close()
+
+
+async def test_an_answer_awaited_when_the_pool_is_closed_still_times_out():
+    """A backend removed (its pool closed) while a command waits on it: the command still ends
+    at its deadline instead of waiting forever."""
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # hangs on purpose: this answer never comes
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        waiting = asyncio.ensure_future(upstream.request("GET", "/", [], None, timeout=0.3))
+        await asyncio.sleep(0.05)
+        upstream.close()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(waiting, 5)
+        assert loop.time() - began < 2  # its own deadline, not wait_for's 5 s
+        assert upstream.in_use == 0 and upstream._slots.free == 1
