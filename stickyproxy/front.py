@@ -4,12 +4,16 @@ httptools, each answer written as one buffer.
 Why not aiohttp's server here (it still serves the stats port): against a fast backend, its
 request and response machinery was about a third of stickyproxy's CPU per command
 (benchmarks/profile.py), and on two shared cores every microsecond is taken from the browsers.
-This module knows HTTP, not WebDriver: it hands each request to one handler coroutine, which
-answers with `Request.send`. What it guarantees to that handler:
+This module knows HTTP, not WebDriver: it hands each request to the handler, which answers with
+`Request.send` in one of three ways: at once (it returns None); later from a callback (it
+returns `LATER`, then calls `Request.finish`); or in a coroutine (it returns an awaitable, run as
+a task of its own). The callback way is what a proxied command takes: no task wakes up for it,
+which spared about a fifth of the proxy's own CPU per command (benchmarks/hotpath.py). What it
+guarantees to that handler:
 
 - requests of a connection are served one at a time, in order (pipelined ones wait their turn);
 - a body arrives whole (`read`) or as a stream with backpressure (`chunks`);
-- a client that disconnects cancels its handler (a queued new session leaves the queue at once);
+- a client that disconnects cancels its coroutine (a queued new session leaves the queue at once);
 - bytes that are not HTTP, or a request line or header over `max_header_size`, are answered by
   `on_bad_request`'s error and the connection is closed;
 - idle keep-alive connections close after `idle_timeout`; connections over `max_connections`
@@ -37,6 +41,9 @@ _MAX_PIPELINED = 16  # parsed requests waiting behind the one being served
 _WHOLE = 64 << 10  # a body up to this size is received before its handler starts
 Header = tuple[bytes, bytes]
 _METHODS = {m.encode(): m for m in ("GET", "POST", "DELETE", "PUT", "HEAD", "OPTIONS", "PATCH")}
+
+
+LATER = object()  # a handler's "answered from a callback, which calls Request.finish"
 
 
 class BadRequest(Exception):
@@ -92,6 +99,15 @@ class Body:
         finally:
             self._waiter = None
 
+    def whole(self) -> bytes | None:
+        """The whole body if it has all arrived (within the limit), else None: `read` without
+        a coroutine."""
+        if not self.done or self._error is not None:
+            return None
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts, self._buffered = [], 0
+        return data
+
     async def read(self) -> bytes:
         """The whole body (raises BodyTooLarge past the limit, ConnectionError if the client
         left before sending it all)."""
@@ -100,9 +116,7 @@ class Body:
             await self._wait()
         if self._error is not None:
             raise self._error
-        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        self._parts, self._buffered = [], 0
-        return data
+        return self.whole()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, reading paused while a megabyte waits unread."""
@@ -171,6 +185,20 @@ class Request:
         """End the connection now: an answer already under way cannot be finished."""
         self._conn.write(b"", True)
 
+    def finish(self) -> None:
+        """The answer of a request its handler took `LATER` is out: serve the next one."""
+        self._conn.finished(self)
+
+    def run(self, step: Awaitable[None]) -> None:
+        """Go on with a request taken `LATER` in a coroutine (a long answer to stream): it is
+        finished when `step` returns, and cancelled if the client leaves."""
+        self._conn.run(self, step)
+
+    def crashed(self) -> None:
+        """A bug of ours while answering from a callback: the client still gets a WebDriver
+        error if nothing was sent, and the connection ends (its state is unknown)."""
+        self._conn.crashed(self)
+
     def send(self, status: int, headers: Iterable[Header] | bytes, body: bytes = b"", *,
              close: bool = False) -> None:
         """Answer with a whole body: status line, headers and body in one write."""
@@ -200,7 +228,7 @@ class Request:
         conn.write(b"0\r\n\r\n" if framed else b"", close)
 
 
-Handler = Callable[[Request], Awaitable[None]]
+Handler = Callable[[Request], "Awaitable[None] | object | None"]  # None, LATER or a coroutine
 
 
 class Port:
@@ -254,9 +282,9 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.waiting: deque[Request] = deque()  # parsed, behind the one being served
-        self.task: asyncio.Task | None = None  # serves the requests, started by the first
-        self._next: asyncio.Future | None = None  # the task waits on it for the next request
+        self.task: asyncio.Task | None = None  # the coroutine serving the current request, if any
         self.busy = False  # a request is being answered
+        self._starting = False  # in _serve: a request finished there does not start the next
         self.closing = False  # no request after the current one
         self.broken: str | None = None  # a parse error to answer once the current one is out
         self.paused = False
@@ -321,6 +349,9 @@ class Connection(asyncio.Protocol):
             # A BadRequest raised by our callbacks arrives wrapped as "User callback error".
             cause = exc.__context__ if isinstance(exc.__context__, BadRequest) else exc
             self._bad(str(cause) or type(cause).__name__)
+        # Handlers start here, after the parser is done with the data, never inside its callbacks.
+        if self.waiting and not self.busy:
+            self._serve()
 
     def eof_received(self) -> bool | None:
         # A WebDriver client that closes its side has left (none half-closes to await an
@@ -440,16 +471,12 @@ class Connection(asyncio.Protocol):
         if expect and has_body:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
         if has_body and not request.chunked and request.content_length <= _WHOLE:
-            return  # served once its body is here (on_message_complete): one wake-up, not two
+            return  # served once its body is here (on_message_complete), whole
         self._enqueue(request)
 
     def _enqueue(self, request: Request) -> None:
         self.waiting.append(request)
-        if self.task is None:
-            self.task = self.loop.create_task(self._serve())
-        elif self._next is not None and not self._next.done():
-            self._next.set_result(None)
-        elif len(self.waiting) > _MAX_PIPELINED:
+        if len(self.waiting) > _MAX_PIPELINED:
             self.pause_reading()
 
     def on_body(self, data: bytes) -> None:
@@ -474,41 +501,69 @@ class Connection(asyncio.Protocol):
 
     # --- serving -------------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
-        """The connection's one task: its requests, one at a time, for as long as it lives
-        (waiting on a future between requests is cheaper than a task per request)."""
-        while True:
-            if not self.waiting:
-                if self.broken is not None:
-                    self._answer_bad()
-                    return
-                self._next = self.loop.create_future()
+    def _serve(self) -> None:
+        """Start the waiting requests, one at a time: each one's handler runs until it answers,
+        takes it LATER or hands it to a coroutine; only an answer given at once lets the next
+        one start here (a loop, not a recursion through `finished`)."""
+        self._starting = True
+        try:
+            while self.waiting and not self.busy and not self.transport.is_closing():
+                request = self.waiting.popleft()
+                if self.paused:
+                    self.resume_reading()
+                self.busy = True
                 try:
-                    await self._next
-                finally:
-                    self._next = None
-                continue
-            request = self.waiting.popleft()
-            if self.paused:
-                self.resume_reading()
-            self.busy = True
-            try:
-                await self.port.handler(request)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug of ours: the client still gets a WebDriver error
-                log.exception("HANDLER_FAILED method=%s target=%s", request.method,
-                              request.target[:200])
-                if not request.sent:
-                    status, headers, body = self.port.on_bad_request(None, self.remote)
-                    request.sent = True
-                    self.answer(status, headers, body, True)
-            finally:
-                self.busy = False
-            if (self.closing or not request.keep_alive
-                    or (request.body is not None and not request.body.done)):
-                # (an answer sent before its request's body was all read leaves the start of
-                # the next request unknown: that connection ends too)
-                self.write(b"", True)
-                return
-            self.last_active = self.loop.time()
+                    step = self.port.handler(request)
+                except Exception:
+                    self.crashed(request)
+                    return
+                if step is None:
+                    self.finished(request)
+                elif step is not LATER:
+                    self.run(request, step)
+        finally:
+            self._starting = False
+        if (not self.busy and not self.waiting and self.broken is not None
+                and not self.transport.is_closing()):
+            self._answer_bad()
+
+    def finished(self, request: Request) -> None:
+        """`request` is answered: end the connection if it must, else serve the next one."""
+        self.busy = False
+        if (self.closing or not request.keep_alive
+                or (request.body is not None and not request.body.done)):
+            # (an answer sent before its request's body was all read leaves the start of
+            # the next request unknown: that connection ends too)
+            self.write(b"", True)
+            return
+        self.last_active = self.loop.time()
+        if not self._starting:
+            if self.waiting:
+                self._serve()
+            elif self.broken is not None:
+                self._answer_bad()
+
+    def run(self, request: Request, step: Awaitable[None]) -> None:
+        self.task = self.loop.create_task(self._run(request, step))
+
+    async def _run(self, request: Request, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except asyncio.CancelledError:
+            raise  # the client left (connection_lost): nothing more to serve
+        except Exception:
+            self.task = None
+            self.crashed(request)
+            return
+        self.task = None
+        self.finished(request)
+
+    def crashed(self, request: Request) -> None:
+        log.exception("HANDLER_FAILED method=%s target=%s", request.method, request.target[:200])
+        if not request.sent:
+            status, headers, body = self.port.on_bad_request(None, self.remote)
+            request.sent = True
+            self.answer(status, headers, body, True)
+        else:
+            self.write(b"", True)
+        self.busy = False

@@ -17,7 +17,7 @@ from typing import AsyncIterator, Awaitable
 
 from . import bridge, routes, webdriver
 from .backends import Backend, Pool
-from .front import BodyTooLarge, Header, Port, Request
+from .front import LATER, BodyTooLarge, Header, Port, Request
 from .guard import Guard
 from .lifecycle import Lifecycle, fmt
 from .metrics import Metrics, Timing
@@ -71,34 +71,57 @@ def error_response(err: WebDriverError, backend: str | None = None) -> Reply:
     return Reply(err.status, headers, err.body(), err.close)
 
 
-async def handle(request: Request) -> None:
+def handle(request: Request):
+    """front.py's handler: None when answered at once, LATER when a callback will answer (a
+    command forwarded to its backend), else the coroutine that answers."""
     app = request.app
     timing = request.timing = Timing(time.perf_counter())
-    status = 500  # an exception we did not expect: front.py answers 500
     try:
-        try:
-            step = _route(request, app, timing)
-            reply = step if type(step) is Reply else await step
-        except WebDriverError as err:
-            reply = error_response(err)
-        status = reply.status
-        if reply.body is not None and not request.sent:
-            request.send(reply.status, reply.headers, reply.body, close=reply.close)
+        step = _route(request, app, timing)
+    except WebDriverError as err:
+        step = error_response(err)
+    if type(step) is Reply:
+        _answer(request, step)
+        return None
+    if step is LATER:
+        return LATER
+    return _answer_when_done(request, step)
+
+
+def _answer(request: Request, reply: Reply) -> None:
+    """Send a reply, and account for the request (the one metrics call per request)."""
+    if reply.body is not None and not request.sent:
+        request.send(reply.status, reply.headers, reply.body, close=reply.close)
+    _observe(request, reply.status)
+
+
+def _observe(request: Request, status: int) -> None:
+    app, timing = request.app, request.timing
+    elapsed = time.perf_counter() - timing.started
+    app.metrics.observe(timing, elapsed)
+    if app.access_log:
+        access_log.info("ACCESS session=%s backend=%s method=%s path=%s status=%d ms=%.1f",
+                        timing.session or "-", timing.backend_id or "-", request.method,
+                        request.path, status, elapsed * 1000)
+
+
+async def _answer_when_done(request: Request, step: Awaitable[Reply]) -> None:
+    try:
+        reply = await step
+    except WebDriverError as err:
+        reply = error_response(err)
     except asyncio.CancelledError:
-        status = 499  # the client left before its answer (nginx's "client closed request")
+        _observe(request, 499)  # the client left before its answer (nginx's "client closed request")
         raise
-    finally:
-        elapsed = time.perf_counter() - timing.started
-        app.metrics.observe(timing, elapsed)  # the one metrics call per request
-        if app.access_log:
-            access_log.info("ACCESS session=%s backend=%s method=%s path=%s status=%d ms=%.1f",
-                            timing.session or "-", timing.backend_id or "-", request.method,
-                            request.path, status, elapsed * 1000)
+    except BaseException:
+        _observe(request, 500)  # a bug of ours: front.py answers 500
+        raise
+    _answer(request, reply)
 
 
-def _route(request: Request, app: App, timing: Timing) -> Reply | Awaitable[Reply]:
-    """The checks every request passes, then its handler: a Reply, or the coroutine that will
-    make one (awaited by `handle`: no coroutine frame of its own per command). Refusals and
+def _route(request: Request, app: App, timing: Timing) -> Reply | Awaitable[Reply] | object:
+    """The checks every request passes, then its handler: a Reply, LATER (a command sent on,
+    answered by `_command_answered`), or the coroutine that will make a Reply. Refusals and
     WebDriver errors are raised, and `handle` answers them."""
     guard = app.guard
     try:
@@ -154,8 +177,8 @@ async def _limited(request: Request, guard: Guard) -> AsyncIterator[bytes]:
         raise guard.refuse("body_too_large", guard.too_large(None), request.remote) from None
 
 
-async def _session_command(request: Request, app: App, sid: str, kind: Kind,
-                           rest: str) -> Reply:
+def _session_command(request: Request, app: App, sid: str, kind: Kind,
+                     rest: str) -> Awaitable[Reply] | object:
     sessions = app.sessions
     session = sessions.get(sid)
     if session is not None and session.owner != request.principal:
@@ -179,35 +202,77 @@ async def _session_command(request: Request, app: App, sid: str, kind: Kind,
     session.last_used = time.monotonic()
     session.requests += 1
     if session.bridge is not None:
-        return await _bridged_command(request, app, session, backend, rest, kind)
+        return _bridged_command(request, app, session, backend, rest, kind)
     backend.requests_total += 1
+    if session.backend_sid == sid:  # the usual command: sent on as it came, answered by callback
+        body = request.body
+        if body is None or (body := body.whole()) is not None:
+            began = time.perf_counter()  # the time spent on the backend starts here
+
+            def answered(answer: Response | None, exc: BaseException | None) -> None:
+                _command_answered(request, app, sid, kind, backend, began, answer, exc)
+            backend.upstream.submit(request.method, request.target, request.forward, body,
+                                    timeout=app.timeout, callback=answered)
+            return LATER
+    return _forward(request, app, session, backend, sid, kind)
+
+
+def _command_answered(request: Request, app: App, sid: str, kind: Kind, backend: Backend,
+                      began: float, answer: Response | None, exc: BaseException | None) -> None:
+    """A command's answer (or failure) from its backend, passed on to the client."""
+    try:
+        request.timing.backend += time.perf_counter() - began
+        if exc is not None:
+            _answer(request, error_response(_command_failed(app, sid, kind, backend, exc)))
+        else:
+            if kind is Kind.DELETE_SESSION:
+                app.sessions.end(sid, EndReason.CLIENT_DELETE)
+            reply = _whole(answer, backend)
+            if reply is None:  # long, streamed or unfinished: a coroutine relays it
+                request.run(_answer_when_done(request, _relay(request, answer, backend, sid)))
+                return
+            _answer(request, reply)
+    except Exception:
+        if answer is not None:
+            answer.release()  # (once: a released answer ignores it)
+        request.crashed()
+        return
+    request.finish()
+
+
+def _command_failed(app: App, sid: str, kind: Kind, backend: Backend,
+                    exc: BaseException) -> WebDriverError:
+    """A command its backend did not answer: counted, logged, and the client's error."""
+    backend.errors_total += 1
+    why = str(exc) or f"no answer within {app.timeout:g}s"
+    log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', sid, backend.id, why)
+    if kind is Kind.DELETE_SESSION:
+        app.sessions.end(sid, EndReason.CLIENT_DELETE, f"delete not confirmed: {why}")
+    return WebDriverError.backend_unavailable(sid, backend.id, why)
+
+
+async def _forward(request: Request, app: App, session: Session, backend: Backend, sid: str,
+                   kind: Kind) -> Reply:
+    """A command with a body to stream, or whose session id the backend knows by another."""
+    timing = request.timing
     body, length = (None, 0) if request.body is None else await _body(request, app.guard)
     target = request.target
     rewritten = session.backend_sid != sid
     if rewritten:  # the backend knows its session by its own id, in paths and bodies
         target = target.replace(sid, session.backend_sid, 1)
         body, length = _rewrite(body, length, sid.encode(), session.backend_sid.encode())
-    began = time.perf_counter()  # inline, not timing.on_backend: one coroutine less per command
+    began = time.perf_counter()
     try:
         answer = await backend.upstream.request(
             request.method, target, request.forward, body,
             length=length, timeout=app.timeout)
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         timing.backend += time.perf_counter() - began
-        backend.errors_total += 1
-        why = str(exc) or f"no answer within {app.timeout:g}s"
-        log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', sid, backend.id, why)
-        if kind is Kind.DELETE_SESSION:
-            sessions.end(sid, EndReason.CLIENT_DELETE, f"delete not confirmed: {why}")
-        raise WebDriverError.backend_unavailable(sid, backend.id, why) from None
+        raise _command_failed(app, sid, kind, backend, exc) from None
     timing.backend += time.perf_counter() - began
     if kind is Kind.DELETE_SESSION:
         # Forwarded and answered: whatever the backend said, the client is done with it.
-        sessions.end(sid, EndReason.CLIENT_DELETE)
-    if not rewritten:
-        reply = _whole(answer, backend)  # the usual answer: all here, passed on as it is
-        if reply is not None:
-            return reply
+        app.sessions.end(sid, EndReason.CLIENT_DELETE)
     return await _relay(request, answer, backend, sid, session.backend_sid if rewritten else None)
 
 

@@ -52,7 +52,8 @@ class UpstreamError(ConnectionError):
 class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "parser", "status", "forward", "length", "chunked", "keep_alive",
                  "_head", "_chunks", "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock",
-                 "_paused", "lost", "_loop", "received", "idle_since")
+                 "_paused", "lost", "_loop", "received", "idle_since", "_callback", "_ready",
+                 "_pool")
 
     def __init__(self) -> None:
         # Kept once: on 3.11 every get_running_loop() costs a getpid() syscall.
@@ -66,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self._chunks: deque[bytes] = deque()
         self.idle_since = 0.0  # loop time it went back to the pool
+        self._pool: Upstream | None = None  # set by the pool that sends on it
         self._reset()
 
     def _reset(self) -> None:
@@ -82,6 +84,10 @@ class _Connection(asyncio.Protocol):
         self._exc: BaseException | None = None
         self._paused = False
         self.received = False  # a byte of this answer has arrived
+        # Upstream.send_now's way instead of the _head future: called with the answer's head
+        # (or its failure), once the parser is done with the data (never inside its callbacks).
+        self._callback = None
+        self._ready = False  # the head is here, for the callback
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,10 +106,13 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"backend sent a malformed HTTP response: {exc}"))
             self.transport.close()
+            self._fail(UpstreamError(f"backend sent a malformed HTTP response: {exc}"))
             return
-        if self._quickack and not self._done:
+        if self._ready and self._callback is not None:
+            self._ready = False
+            self._pool._delivered(self, None)
+        elif self._quickack and not self._done:
             # More of this answer is due: ACK what came at once, or a Nagle-bound sender
             # (GhostDriver) waits for our delayed ACK. A complete answer needs no syscall.
             try:
@@ -160,6 +169,7 @@ class _Connection(asyncio.Protocol):
     def _answered(self) -> None:
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
+        self._ready = True
 
     def on_body(self, body: bytes) -> None:
         if not body:
@@ -185,7 +195,16 @@ class _Connection(asyncio.Protocol):
         self._exc = exc
         if self._head is not None and not self._head.done():
             self._head.set_exception(exc)
+        elif self._callback is not None:
+            self._pool._delivered(self, exc)
         self._wake()
+
+    def _expire(self) -> None:
+        """The answer's deadline passed before its head arrived."""
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(TimeoutError())
+        elif self._callback is not None:
+            self._pool._delivered(self, TimeoutError())
 
     # the client side
     def start(self, data: bytes) -> None:
@@ -272,6 +291,14 @@ class Slots:
     def waiting(self) -> bool:
         return bool(self._waiters)
 
+    def enqueue(self, take) -> None:
+        """Wait in line without a coroutine: `take()` is called when a slot is handed over."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            take()
+        else:
+            self._waiters.append(take)
+
     async def acquire(self) -> None:
         if self.free > 0 and not self._waiters:
             self.free -= 1
@@ -291,6 +318,9 @@ class Slots:
     def release(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
+            if not isinstance(waiter, asyncio.Future):
+                waiter()  # an enqueued callback: the slot is taken at once
+                return
             if not waiter.done():
                 waiter.set_result(None)
                 return
@@ -353,9 +383,9 @@ class Upstream:
         self.in_use = 0
         self.opened_total = 0
         self.stale_total = 0  # replay_stale requests sent again after a reused connection broke
-        # Answers awaited, by deadline, and one timer for the earliest: a timer per request
-        # (call_later + cancel) cost about 2 us, 5% of the proxy's CPU per command.
-        self._deadlines: dict[asyncio.Future, float] = {}
+        # Answers awaited (by their connection), by deadline, and one timer for the earliest: a
+        # timer per request (call_later + cancel) cost about 2 us, 5% of the proxy's CPU per command.
+        self._deadlines: dict[_Connection, float] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = _NEVER
 
@@ -431,15 +461,14 @@ class Upstream:
                         conn.start(head + body if body else head)  # no coroutine, usually
                     else:
                         await conn.send(head, body, chunked=length is None)
-                    answered = conn._head  # read_head, inlined: one coroutine less per command
                     deadline = conn._loop.time() + timeout
-                    self._deadlines[answered] = deadline
+                    self._deadlines[conn] = deadline
                     if deadline < self._sweep_at:
                         self._arm(conn._loop, deadline)
                     try:
-                        await answered
+                        await conn._head  # read_head, inlined: one coroutine less per command
                     finally:
-                        del self._deadlines[answered]
+                        del self._deadlines[conn]
                 except UpstreamError:
                     self.in_use -= 1
                     conn.transport.close()
@@ -459,6 +488,66 @@ class Upstream:
             self._slots.release()
             raise
 
+    def submit(self, method: str, target: str, headers: bytes, body: bytes | None, *,
+               timeout: float, callback, connect_timeout: float = 10.0) -> None:
+        """`request` without a coroutine, for a whole body: `callback(answer, None)` gets the
+        Response once its head (and a body up to WHOLE) is here, or `callback(None, exc)` the
+        failure (NotConnected, UpstreamError, TimeoutError). The callback runs outside the
+        parser's callbacks; the answer must be released, as from `request`."""
+        head = self.head(method, target, headers, len(body) if body else 0)
+        data = head + body if body else head
+        slots = self._slots
+        if slots.free > 0 and not slots.waiting:
+            slots.free -= 1
+            self._submit(data, timeout, callback, connect_timeout)
+        else:
+            slots.enqueue(lambda: self._submit(data, timeout, callback, connect_timeout))
+
+    def _submit(self, data: bytes, timeout: float, callback, connect_timeout: float) -> None:
+        """Holding a slot: send on an idle connection, or open one (a task: the rare case)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.lost and not conn.transport.is_closing():
+                break
+        else:
+            asyncio.get_running_loop().create_task(
+                self._open_and_submit(data, timeout, callback, connect_timeout))
+            return
+        self._start(conn, data, timeout, callback)
+
+    async def _open_and_submit(self, data: bytes, timeout: float, callback,
+                               connect_timeout: float) -> None:
+        try:
+            conn = await self._open(connect_timeout)
+        except NotConnected as exc:
+            self._slots.release()
+            callback(None, exc)
+            return
+        self._start(conn, data, timeout, callback)
+
+    def _start(self, conn: _Connection, data: bytes, timeout: float, callback) -> None:
+        self.in_use += 1
+        conn._reset()
+        conn._pool, conn._callback = self, callback
+        conn.transport.write(data)
+        loop = conn._loop
+        deadline = loop.time() + timeout
+        self._deadlines[conn] = deadline
+        if deadline < self._sweep_at:
+            self._arm(loop, deadline)
+
+    def _delivered(self, conn: _Connection, exc: BaseException | None) -> None:
+        callback, conn._callback = conn._callback, None
+        del self._deadlines[conn]
+        if exc is None:
+            callback(Response(conn, self), None)
+            return
+        self.in_use -= 1
+        conn.transport.close()
+        self._slots.release()
+        callback(None, exc)
+
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._sweep is not None:
             self._sweep.cancel()
@@ -470,9 +559,9 @@ class Upstream:
         self._sweep, self._sweep_at = None, _NEVER
         now = loop.time() + _SLACK
         later = _NEVER
-        for future, deadline in list(self._deadlines.items()):
+        for conn, deadline in list(self._deadlines.items()):
             if deadline <= now:
-                _expire(future)  # its request's `finally` forgets the deadline
+                conn._expire()  # its request forgets the deadline
             elif deadline < later:
                 later = deadline
         if later < _NEVER:

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import eventually
-from stickyproxy.front import BodyTooLarge, Port, Request
+from stickyproxy.front import LATER, BodyTooLarge, Port, Request
 
 JSON = (b"Content-Type", b"application/json")
 
@@ -235,3 +235,73 @@ async def test_connections_over_the_limit_are_answered_and_closed(port):
     reader, writer = await connect(port)
     status, headers, _ = await read_answer(reader)
     assert status == 429 and headers["connection"] == "close"
+
+
+# --- handlers that answer at once or from a callback (the proxy's command path) -------------
+
+def callback_handler(request: Request):
+    """/now answers at once; /later?s=T from a timer (LATER); /stream from a timer that hands
+    on to a coroutine (Request.run); /crash from a timer that fails."""
+    loop = asyncio.get_running_loop()
+    target = request.target
+
+    def answer() -> None:
+        request.send(200, [JSON], json.dumps({"target": target}).encode())
+
+    if target == "/now":
+        answer()
+        return None
+    if target.startswith("/later"):
+        def later() -> None:
+            answer()
+            request.finish()
+        loop.call_later(float(target.split("=")[1]), later)
+        return LATER
+    if target == "/stream":
+        async def parts():
+            yield b"one;"
+            yield b"two;"
+        loop.call_soon(lambda: request.run(request.stream(200, [JSON], parts())))
+        return LATER
+    if target == "/crash":
+        def crash() -> None:
+            try:
+                raise RuntimeError("a bug in a callback")
+            except RuntimeError:
+                request.crashed()
+        loop.call_soon(crash)
+        return LATER
+    return Echo()(request)
+
+
+@pytest.fixture
+async def callback_port():
+    server = Port(callback_handler, idle_timeout=5, max_header_size=1024, max_body=64,
+                  on_bad_request=bad_request, on_too_many=too_many)
+    host, server.number = await server.start("127.0.0.1", 0)
+    server.clients = []
+    yield server
+    for writer in server.clients:
+        writer.close()
+        await asyncio.gather(writer.wait_closed(), return_exceptions=True)
+    await server.close(grace=1)
+
+
+async def test_answers_given_at_once_or_later_keep_pipelined_requests_in_order(callback_port):
+    reader, writer = await connect(callback_port)
+    writer.write(get("/later?s=0.2") + get("/now") + get("/later?s=0") + get("/now")
+                 + get("/stream") + get("/echo"))
+    answers = [await read_answer(reader) for _ in range(6)]
+    assert [json.loads(body)["target"] for _, _, body in answers[:4]] == [
+        "/later?s=0.2", "/now", "/later?s=0", "/now"]
+    assert answers[4][2] == b"one;two;" and answers[4][1]["transfer-encoding"] == "chunked"
+    assert json.loads(answers[5][2])["target"] == "/echo"
+    writer.write(get("/now", "Connection: close\r\n") + get("/now"))  # the second is not served
+    status, headers, _ = await read_answer(reader)
+    assert status == 200 and headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_a_callback_that_fails_gets_a_500_answer_and_ends_the_connection(callback_port):
+    status, headers, body = await last_answer(callback_port, get("/crash"))
+    assert status == 500 and json.loads(body)["value"]["message"] == "failed"

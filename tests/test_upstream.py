@@ -325,3 +325,115 @@ async def test_an_answer_awaited_when_the_pool_is_closed_still_times_out():
             await asyncio.wait_for(waiting, 5)
         assert loop.time() - began < 2  # its own deadline, not wait_for's 5 s
         assert upstream.in_use == 0 and upstream._slots.free == 1
+
+
+# --- submit: a request answered through a callback (the command path) -----------------------
+
+class Answers:
+    """The callbacks' results, awaitable one by one."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def __call__(self, answer, exc) -> None:
+        self.queue.put_nowait((answer, exc))
+
+    async def next(self):
+        return await asyncio.wait_for(self.queue.get(), 5)
+
+
+def numbered_answers():
+    """A keep-alive backend answering each request with its path, the slowest (/slow) last."""
+    async def serve(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split()[1]
+            if path == b"/slow":
+                await asyncio.sleep(0.1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(path), path))
+            await writer.drain()
+    return serve
+
+
+async def test_submitted_requests_wait_for_slots_in_order_and_reuse_connections():
+    async with backend(numbered_answers()) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=2)
+        answers = Answers()
+        try:
+            for path in ("/slow", "/a", "/b", "/c", "/d"):  # 2 slots: three wait in line
+                upstream.submit("GET", path, b"", None, timeout=5, callback=answers)
+            assert upstream._slots.free == 0 and upstream._slots.waiting
+            got = []
+            for _ in range(5):
+                answer, exc = await answers.next()
+                assert exc is None
+                got.append(answer.ready_body())
+                answer.release()  # hands the slot (and the connection) to the next in line
+            assert got == [b"/a", b"/b", b"/c", b"/d", b"/slow"]  # waiters in order behind /a
+            assert upstream.opened_total == 2  # the line reused the two connections
+            assert upstream.in_use == 0 and upstream._slots.free == 2 and not upstream._deadlines
+        finally:
+            upstream.close()
+
+
+async def test_a_submitted_request_to_a_refused_port_is_not_connected():
+    async with backend(numbered_answers()) as port:
+        pass  # closed: nothing listens there now
+    upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+    answers = Answers()
+    upstream.submit("GET", "/a", b"", None, timeout=5, callback=answers)
+    answer, exc = await answers.next()
+    assert answer is None and isinstance(exc, NotConnected)
+    assert upstream.in_use == 0 and upstream._slots.free == 1
+
+
+async def test_a_submitted_request_times_out_or_breaks_and_frees_its_slot():
+    async def serve(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.split()[1] == b"/break":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
+            await writer.drain()
+            writer.transport.abort()
+            return
+        await reader.read()  # hangs on purpose: this answer never comes
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        loop = asyncio.get_running_loop()
+        answers = Answers()
+        try:
+            began = loop.time()
+            upstream.submit("GET", "/hang", b"", None, timeout=0.3, callback=answers)
+            answer, exc = await answers.next()
+            assert answer is None and isinstance(exc, TimeoutError)
+            assert 0.29 <= loop.time() - began < 2
+            upstream.submit("GET", "/break", b"", None, timeout=5, callback=answers)
+            answer, exc = await answers.next()  # half a body, then the connection is gone
+            assert answer is None and isinstance(exc, UpstreamError)
+            assert upstream.in_use == 0 and upstream._slots.free == 1 and not upstream._deadlines
+        finally:
+            upstream.close()
+
+
+async def test_a_callback_may_release_and_submit_again_on_the_same_connection():
+    """The callback runs after the parser is done with the data, so the connection it frees
+    can carry the next request at once (a pipelined client's next command)."""
+    async with backend(numbered_answers()) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        answers = Answers()
+        bodies = []
+
+        def chained(answer, exc) -> None:
+            bodies.append(answer.ready_body())
+            answer.release()
+            if len(bodies) < 3:
+                upstream.submit("POST", f"/{len(bodies)}", b"", b"{}", timeout=5, callback=chained)
+            else:
+                answers(None, None)
+
+        try:
+            upstream.submit("POST", "/0", b"", b"{}", timeout=5, callback=chained)
+            await answers.next()
+            assert bodies == [b"/0", b"/1", b"/2"] and upstream.opened_total == 1
+        finally:
+            upstream.close()
