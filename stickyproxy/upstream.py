@@ -24,6 +24,7 @@ import asyncio
 import os
 import socket
 from collections import deque
+from functools import partial
 from typing import AsyncIterator, Iterable
 from urllib.parse import urlsplit
 
@@ -179,13 +180,17 @@ class _Connection(asyncio.Protocol):
         if self._buffered > _HIGH_WATER and not self._paused:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._waiter is not None:  # (_wake, inlined here and below: once or twice per answer)
+            self._wake()
 
     def on_message_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()
         self._done = True
-        self._answered()
-        self._wake()
+        self._ready = True
+        if self._head is not None:
+            self._answered()
+        if self._waiter is not None:
+            self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -260,10 +265,6 @@ class _Connection(asyncio.Protocol):
         while chunk := await self.next_chunk():
             parts.append(chunk)
         return b"".join(parts)
-
-    @property
-    def reusable(self) -> bool:
-        return self._done and self.keep_alive and not self.lost and not self.transport.is_closing()
 
 
 _NEVER = float("inf")
@@ -343,8 +344,9 @@ class Response:
         """The whole body if it has all arrived already (no await needed), else None."""
         conn = self._conn
         if conn._done and conn._exc is None:
-            data = b"".join(conn._chunks)
-            conn._chunks.clear()
+            chunks = conn._chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
             conn._buffered = 0
             if conn._paused:
                 conn._paused = False
@@ -407,16 +409,14 @@ class Upstream:
              length: int | None) -> bytes:
         """The request head: `headers` as (name, value) pairs (hop-by-hop ones are dropped here)
         or as header lines a server already filtered (front.Request.forward)."""
-        start = b"%b %b%b HTTP/1.1\r\nHost: %b\r\n" % (
-            method.encode(), self._base, target.encode(), self.host_header)
-        if isinstance(headers, bytes):
-            lines = headers
-        else:
-            lines = b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers
-                             if name.lower() not in HOP_BY_HOP)
+        if not isinstance(headers, bytes):
+            headers = b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers
+                               if name.lower() not in HOP_BY_HOP)
         if length is None:
-            return start + lines + b"Transfer-Encoding: chunked\r\n\r\n"
-        return b"%b%bContent-Length: %d\r\n\r\n" % (start, lines, length)
+            return b"%b %b%b HTTP/1.1\r\nHost: %b\r\n%bTransfer-Encoding: chunked\r\n\r\n" % (
+                method.encode(), self._base, target.encode(), self.host_header, headers)
+        return b"%b %b%b HTTP/1.1\r\nHost: %b\r\n%bContent-Length: %d\r\n\r\n" % (
+            method.encode(), self._base, target.encode(), self.host_header, headers, length)
 
     async def request(self, method: str, target: str,
                       headers: Iterable[tuple[bytes, bytes]] | bytes,
@@ -488,7 +488,7 @@ class Upstream:
             self._slots.release()
             raise
 
-    def submit(self, method: str, target: str, headers: bytes, body: bytes | None, *,
+    def submit(self, method: str, target: str, headers: bytes, body: bytes | None,
                timeout: float, callback, connect_timeout: float = 10.0) -> None:
         """`request` without a coroutine, for a whole body: `callback(answer, None)` gets the
         Response once its head (and a body up to WHOLE) is here, or `callback(None, exc)` the
@@ -501,7 +501,7 @@ class Upstream:
             slots.free -= 1
             self._submit(data, timeout, callback, connect_timeout)
         else:
-            slots.enqueue(lambda: self._submit(data, timeout, callback, connect_timeout))
+            slots.enqueue(partial(self._submit, data, timeout, callback, connect_timeout))
 
     def _submit(self, data: bytes, timeout: float, callback, connect_timeout: float) -> None:
         """Holding a slot: send on an idle connection, or open one (a task: the rare case)."""
@@ -583,7 +583,8 @@ class Upstream:
 
     def _give_back(self, conn: _Connection) -> None:
         self.in_use -= 1
-        if conn.reusable and len(self._idle) < self.limit:
+        if (conn._done and conn.keep_alive and not conn.lost  # reusable
+                and not conn.transport.is_closing() and len(self._idle) < self.limit):
             conn.idle_since = conn._loop.time()
             self._idle.append(conn)
         else:

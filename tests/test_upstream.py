@@ -361,7 +361,7 @@ async def test_submitted_requests_wait_for_slots_in_order_and_reuse_connections(
         answers = Answers()
         try:
             for path in ("/slow", "/a", "/b", "/c", "/d"):  # 2 slots: three wait in line
-                upstream.submit("GET", path, b"", None, timeout=5, callback=answers)
+                upstream.submit("GET", path, b"", None, 5, answers)
             assert upstream._slots.free == 0 and upstream._slots.waiting
             got = []
             for _ in range(5):
@@ -381,7 +381,7 @@ async def test_a_submitted_request_to_a_refused_port_is_not_connected():
         pass  # closed: nothing listens there now
     upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
     answers = Answers()
-    upstream.submit("GET", "/a", b"", None, timeout=5, callback=answers)
+    upstream.submit("GET", "/a", b"", None, 5, answers)
     answer, exc = await answers.next()
     assert answer is None and isinstance(exc, NotConnected)
     assert upstream.in_use == 0 and upstream._slots.free == 1
@@ -403,11 +403,11 @@ async def test_a_submitted_request_times_out_or_breaks_and_frees_its_slot():
         answers = Answers()
         try:
             began = loop.time()
-            upstream.submit("GET", "/hang", b"", None, timeout=0.3, callback=answers)
+            upstream.submit("GET", "/hang", b"", None, 0.3, answers)
             answer, exc = await answers.next()
             assert answer is None and isinstance(exc, TimeoutError)
             assert 0.29 <= loop.time() - began < 2
-            upstream.submit("GET", "/break", b"", None, timeout=5, callback=answers)
+            upstream.submit("GET", "/break", b"", None, 5, answers)
             answer, exc = await answers.next()  # half a body, then the connection is gone
             assert answer is None and isinstance(exc, UpstreamError)
             assert upstream.in_use == 0 and upstream._slots.free == 1 and not upstream._deadlines
@@ -427,12 +427,12 @@ async def test_a_callback_may_release_and_submit_again_on_the_same_connection():
             bodies.append(answer.ready_body())
             answer.release()
             if len(bodies) < 3:
-                upstream.submit("POST", f"/{len(bodies)}", b"", b"{}", timeout=5, callback=chained)
+                upstream.submit("POST", f"/{len(bodies)}", b"", b"{}", 5, chained)
             else:
                 answers(None, None)
 
         try:
-            upstream.submit("POST", "/0", b"", b"{}", timeout=5, callback=chained)
+            upstream.submit("POST", "/0", b"", b"{}", 5, chained)
             await answers.next()
             assert bodies == [b"/0", b"/1", b"/2"] and upstream.opened_total == 1
         finally:
