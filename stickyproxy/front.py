@@ -8,12 +8,13 @@ This module knows HTTP, not WebDriver: it hands each request to the handler, whi
 `Request.send` in one of three ways: at once (it returns None); later from a callback (it
 returns `LATER`, then calls `Request.finish`); or in a coroutine (it returns an awaitable, run as
 a task of its own). The callback way is what a proxied command takes: no task wakes up for it,
-which spared about a fifth of the proxy's own CPU per command (benchmarks/hotpath.py). What it
+which spared 17% of the proxy's own CPU per command (benchmarks/hotpath.py). What it
 guarantees to that handler:
 
 - requests of a connection are served one at a time, in order (pipelined ones wait their turn);
 - a body arrives whole (`read`) or as a stream with backpressure (`chunks`);
 - a client that disconnects cancels its coroutine (a queued new session leaves the queue at once);
+  a request taken LATER runs to its end, and its answer is dropped;
 - bytes that are not HTTP, or a request line or header over `max_header_size`, are answered by
   `on_bad_request`'s error and the connection is closed;
 - idle keep-alive connections close after `idle_timeout`; connections over `max_connections`

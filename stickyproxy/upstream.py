@@ -16,6 +16,9 @@ measured end to end). A reused connection can break before any byte of the answe
 died (and any session it began died with it) or closed the idle connection as the request came
 (and did not serve it). Such a request (`replay_stale`) is sent once more over a fresh
 connection to the same backend, whose refused connect is again the proof the placement needs.
+
+Two ways to send: `request`, a coroutine (new sessions, streamed bodies, the bridge), and
+`submit`, which calls back with the answer and spares the command path a task wake-up.
 """
 
 from __future__ import annotations
