@@ -28,6 +28,7 @@ import http
 import logging
 import socket
 from collections import deque
+from functools import partial
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import httptools
@@ -545,22 +546,26 @@ class Connection(asyncio.Protocol):
                 self._answer_bad()
 
     def run(self, request: Request, step: Awaitable[None]) -> None:
-        self.task = self.loop.create_task(self._run(request, step))
+        # The step itself is the task (no wrapper coroutine): a client that leaves before it
+        # starts cancels it cleanly, without a coroutine left never awaited.
+        self.task = task = asyncio.ensure_future(step, loop=self.loop)
+        task.add_done_callback(partial(self._ran, request))
 
-    async def _run(self, request: Request, step: Awaitable[None]) -> None:
-        try:
-            await step
-        except asyncio.CancelledError:
-            raise  # the client left (connection_lost): nothing more to serve
-        except Exception:
+    def _ran(self, request: Request, task: asyncio.Task) -> None:
+        if self.task is task:
             self.task = None
-            self.crashed(request)
-            return
-        self.task = None
-        self.finished(request)
+        if task.cancelled():
+            return  # the client left (connection_lost): nothing more to serve
+        exc = task.exception()
+        if exc is not None:
+            self.crashed(request, exc)
+        else:
+            self.finished(request)
 
-    def crashed(self, request: Request) -> None:
-        log.exception("HANDLER_FAILED method=%s target=%s", request.method, request.target[:200])
+    def crashed(self, request: Request, exc: BaseException | None = None) -> None:
+        """A bug of ours (`exc`, or the exception being handled) while answering `request`."""
+        log.error("HANDLER_FAILED method=%s target=%s", request.method, request.target[:200],
+                  exc_info=exc or True)
         if not request.sent:
             status, headers, body = self.port.on_bad_request(None, self.remote)
             request.sent = True
