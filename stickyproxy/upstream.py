@@ -446,13 +446,9 @@ class Upstream:
         conn = None
         try:
             idle = self._idle
-            if replay_stale and idle and idle[-1].idle_since < idle[-1]._loop.time() - WARM:
-                idle = ()  # none answered lately: a fresh connection, whose refusal is proof
-            while idle:
-                candidate = idle.pop()
-                if not candidate.lost and not candidate.transport.is_closing():
-                    conn = candidate
-                    break
+            # Cold: none answered lately, so a fresh connection, whose refusal is proof.
+            cold = replay_stale and idle and idle[-1].idle_since < idle[-1]._loop.time() - WARM
+            conn = None if cold else self._idle_connection()
             reused = conn is not None
             if conn is None:
                 conn = await self._open(connect_timeout)
@@ -464,10 +460,7 @@ class Upstream:
                         conn.start(head + body if body else head)  # no coroutine, usually
                     else:
                         await conn.send(head, body, chunked=length is None)
-                    deadline = conn._loop.time() + timeout
-                    self._deadlines[conn] = deadline
-                    if deadline < self._sweep_at:
-                        self._arm(conn._loop, deadline)
+                    self._watch(conn, timeout)
                     try:
                         await conn._head  # read_head, inlined: one coroutine less per command
                     finally:
@@ -508,12 +501,8 @@ class Upstream:
 
     def _submit(self, data: bytes, timeout: float, callback, connect_timeout: float) -> None:
         """Holding a slot: send on an idle connection, or open one (a task: the rare case)."""
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if not conn.lost and not conn.transport.is_closing():
-                break
-        else:
+        conn = self._idle_connection()
+        if conn is None:
             asyncio.get_running_loop().create_task(
                 self._open_and_submit(data, timeout, callback, connect_timeout))
             return
@@ -534,6 +523,19 @@ class Upstream:
         conn._reset()
         conn._pool, conn._callback = self, callback
         conn.transport.write(data)
+        self._watch(conn, timeout)
+
+    def _idle_connection(self) -> _Connection | None:
+        """The most recently used idle connection still open (LIFO: the warmest), or None."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.lost and not conn.transport.is_closing():
+                return conn
+        return None
+
+    def _watch(self, conn: _Connection, timeout: float) -> None:
+        """Give the answer awaited on `conn` its deadline, under the backend's one timer."""
         loop = conn._loop
         deadline = loop.time() + timeout
         self._deadlines[conn] = deadline
