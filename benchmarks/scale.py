@@ -44,14 +44,18 @@ _SS_SOCKET = re.compile(r"^\S+\s+\S+\s+\S+:(\d+)\s+\S+:(\d+)\s+users:.*?pid=(\d+
 _SS_COUNT = re.compile(r"\b(segs_out|data_segs_out):(\d+)")
 
 
-def upstream_segments(proxy, front_port: int) -> dict[tuple[int, int], tuple[int, int]]:
+def upstream_segments(proxy, front_port: int) -> dict[tuple[int, int], tuple[int, int]] | None:
     """TCP segments the proxy sent on each open connection to its backends (all but the
-    front's), as (all, carrying data), from the kernel's own counters (`ss -ti`). The
-    difference is the pure ACKs: one per request where a backend connection idles past the
-    kernel's delayed-ACK window between requests (the growth with 1,000 backends, measured)."""
+    front's), as (all, carrying data), from the kernel's own counters (`ss -ti`; None without
+    iproute2). The difference is the pure ACKs: one per request where a backend connection
+    idles past the kernel's delayed-ACK window between requests (the growth with 1,000
+    backends, measured)."""
     pids = {p.pid for p in proxy.procs()}
-    out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True,
-                         text=True, timeout=30).stdout
+    try:
+        out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except FileNotFoundError:
+        return None
     found: dict[tuple[int, int], tuple[int, int]] = {}
     key = None
     for line in out.splitlines():
@@ -66,8 +70,10 @@ def upstream_segments(proxy, front_port: int) -> dict[tuple[int, int], tuple[int
     return found
 
 
-def _segments_delta(before: dict, after: dict) -> tuple[int, int]:
+def _segments_delta(before: dict | None, after: dict | None) -> tuple[int, int] | None:
     """Segments sent between two snapshots, over the connections open at the second."""
+    if before is None or after is None:
+        return None
     segs = data = 0
     for k, (s1, d1) in after.items():
         s0, d0 = before.get(k, (0, 0))
@@ -81,15 +87,15 @@ def _wrk(stack: Stack, proxy, port: int, paths: list[str], duration: float) -> d
     cpu0, sys0 = proxy.cpu(), proxy.cpu(system_only=True)
     r = wrk_run(stack.tmp, f"http://127.0.0.1:{port}/", connections=64, duration=duration, paths=paths)
     cpu1, sys1 = proxy.cpu(), proxy.cpu(system_only=True)
-    segs, data = _segments_delta(seg0, upstream_segments(proxy, port))
+    sent = _segments_delta(seg0, upstream_segments(proxy, port))
     n = max(1, r["requests"])
     r["cpu_us_per_request"] = round((cpu1 - cpu0) * 1e6 / n, 2)
     # The kernel's share apart: a growth with the backend count can be socket work that any
     # proxy pays (more upstream connections), not the proxy's own code.
     r["sys_us_per_request"] = round((sys1 - sys0) * 1e6 / n, 2)
     # and what the kernel sent to the backends per request: requests and pure ACKs
-    r["upstream_segs_per_request"] = round(segs / n, 3)
-    r["upstream_acks_per_request"] = round((segs - data) / n, 3)
+    r["upstream_segs_per_request"] = round(sent[0] / n, 3) if sent else None
+    r["upstream_acks_per_request"] = round((sent[0] - sent[1]) / n, 3) if sent else None
     return r
 
 
