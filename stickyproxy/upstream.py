@@ -57,7 +57,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "parser", "status", "forward", "length", "chunked", "keep_alive",
                  "_head", "_chunks", "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock",
                  "_paused", "lost", "_loop", "received", "idle_since", "_callback", "_ready",
-                 "_pool")
+                 "_pool", "_replay")
 
     def __init__(self) -> None:
         # Kept once: on 3.11 every get_running_loop() costs a getpid() syscall.
@@ -92,6 +92,9 @@ class _Connection(asyncio.Protocol):
         # (or its failure), once the parser is done with the data (never inside its callbacks).
         self._callback = None
         self._ready = False  # the head is here, for the callback
+        # submit's `replay_stale` on a reused connection: (data, timeout, connect_timeout), to
+        # send again over a fresh connection if this one breaks before any byte of the answer
+        self._replay: tuple[bytes, float, float] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -445,10 +448,7 @@ class Upstream:
             await slots.acquire()
         conn = None
         try:
-            idle = self._idle
-            # Cold: none answered lately, so a fresh connection, whose refusal is proof.
-            cold = replay_stale and idle and idle[-1].idle_since < idle[-1]._loop.time() - WARM
-            conn = None if cold else self._idle_connection()
+            conn = self._warm_connection() if replay_stale else self._idle_connection()
             reused = conn is not None
             if conn is None:
                 conn = await self._open(connect_timeout)
@@ -485,28 +485,34 @@ class Upstream:
             raise
 
     def submit(self, method: str, target: str, headers: bytes, body: bytes | None,
-               timeout: float, callback, connect_timeout: float = 10.0) -> None:
+               timeout: float, callback, connect_timeout: float = 10.0,
+               replay_stale: bool = False) -> None:
         """`request` without a coroutine, for a whole body: `callback(answer, None)` gets the
         Response once its head (and a body up to WHOLE) is here, or `callback(None, exc)` the
         failure (NotConnected, UpstreamError, TimeoutError). The callback runs outside the
-        parser's callbacks; the answer must be released, as from `request`."""
+        parser's callbacks; the answer must be released, as from `request`. `replay_stale`
+        keeps `request`'s rule: NotConnected is still the proof that the backend never saw it."""
         head = self.head(method, target, headers, len(body) if body else 0)
         data = head + body if body else head
         slots = self._slots
         if slots.free > 0 and not slots.waiting:
             slots.free -= 1
-            self._submit(data, timeout, callback, connect_timeout)
+            self._submit(data, timeout, callback, connect_timeout, replay_stale)
         else:
-            slots.enqueue(partial(self._submit, data, timeout, callback, connect_timeout))
+            slots.enqueue(partial(self._submit, data, timeout, callback, connect_timeout,
+                                  replay_stale))
 
-    def _submit(self, data: bytes, timeout: float, callback, connect_timeout: float) -> None:
+    def _submit(self, data: bytes, timeout: float, callback, connect_timeout: float,
+                replay_stale: bool = False) -> None:
         """Holding a slot: send on an idle connection, or open one (a task: the rare case)."""
-        conn = self._idle_connection()
+        conn = self._warm_connection() if replay_stale else self._idle_connection()
         if conn is None:
             asyncio.get_running_loop().create_task(
                 self._open_and_submit(data, timeout, callback, connect_timeout))
             return
         self._start(conn, data, timeout, callback)
+        if replay_stale:  # reused: if it turns out stale, sent once more on a fresh one
+            conn._replay = (data, timeout, connect_timeout)
 
     async def _open_and_submit(self, data: bytes, timeout: float, callback,
                                connect_timeout: float) -> None:
@@ -524,6 +530,14 @@ class Upstream:
         conn._pool, conn._callback = self, callback
         conn.transport.write(data)
         self._watch(conn, timeout)
+
+    def _warm_connection(self) -> _Connection | None:
+        """An idle connection answered within the last WARM seconds, or None: none answered
+        lately, so a fresh connection, whose refusal is proof."""
+        idle = self._idle
+        if idle and idle[-1].idle_since < idle[-1]._loop.time() - WARM:
+            return None
+        return self._idle_connection()
 
     def _idle_connection(self) -> _Connection | None:
         """The most recently used idle connection still open (LIFO: the warmest), or None."""
@@ -550,6 +564,13 @@ class Upstream:
             return
         self.in_use -= 1
         conn.transport.close()
+        replay = conn._replay
+        if replay is not None and not conn.received and isinstance(exc, UpstreamError):
+            # Stale (see the module's doc): once more, over a fresh connection, slot kept.
+            self.stale_total += 1
+            data, timeout, connect_timeout = replay
+            conn._loop.create_task(self._open_and_submit(data, timeout, callback, connect_timeout))
+            return
         self._slots.release()
         callback(None, exc)
 

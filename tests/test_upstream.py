@@ -248,25 +248,39 @@ def closing_second_request(server_box: dict | None = None):
     return serve
 
 
-async def test_a_reused_connection_that_breaks_unanswered_is_replaced_by_a_fresh_one_once():
+async def new_session(upstream: Upstream, via: str, replay_stale: bool = True):
+    """POST /session through `request` (a coroutine) or `submit` (a callback): the same rule."""
+    if via == "request":
+        return await upstream.request("POST", "/session", [], b"{}", timeout=5,
+                                      replay_stale=replay_stale)
+    answers = Answers()
+    upstream.submit("POST", "/session", b"", b"{}", 5, answers, replay_stale=replay_stale)
+    answer, exc = await answers.next()
+    if exc is not None:
+        raise exc
+    return answer
+
+
+@pytest.mark.parametrize("via", ["request", "submit"])
+async def test_a_reused_connection_that_breaks_unanswered_is_replaced_by_a_fresh_one_once(via):
     async with backend(closing_second_request()) as port:
         upstream = Upstream(f"http://127.0.0.1:{port}", limit=2)
         try:
             (await upstream.request("POST", "/session", [], b"{}", timeout=5)).release()
-            answer = await upstream.request("POST", "/session", [], b"{}", timeout=5,
-                                            replay_stale=True)
+            answer = await new_session(upstream, via)
             assert answer.ready_body() == b"ok"
             answer.release()
             assert upstream.opened_total == 2 and upstream.stale_total == 1
             # Without replay_stale the same break is the caller's error (it may have been seen).
             with pytest.raises(UpstreamError):
-                await upstream.request("GET", "/x", [], None, timeout=5)
+                await new_session(upstream, via, replay_stale=False)
             assert upstream.in_use == 0 and upstream._slots.free == 2
         finally:
             upstream.close()
 
 
-async def test_a_replayed_new_session_whose_backend_is_gone_is_not_connected():
+@pytest.mark.parametrize("via", ["request", "submit"])
+async def test_a_replayed_new_session_whose_backend_is_gone_is_not_connected(via):
     """The fresh connection's refused connect is what lets placement try another backend."""
     box: dict = {}
     async with backend(closing_second_request(box), box) as port:
@@ -274,15 +288,15 @@ async def test_a_replayed_new_session_whose_backend_is_gone_is_not_connected():
         try:
             (await upstream.request("POST", "/session", [], b"{}", timeout=5)).release()
             with pytest.raises(NotConnected):
-                await upstream.request("POST", "/session", [], b"{}", timeout=5,
-                                       replay_stale=True)
+                await new_session(upstream, via)
             assert upstream.stale_total == 1 and upstream.in_use == 0
             assert upstream._slots.free == 2
         finally:
             upstream.close()
 
 
-async def test_a_new_session_reuses_only_a_connection_answered_lately(monkeypatch):
+@pytest.mark.parametrize("via", ["request", "submit"])
+async def test_a_new_session_reuses_only_a_connection_answered_lately(monkeypatch, via):
     async def serve(reader, writer):
         while True:
             await reader.readuntil(b"\r\n\r\n")
@@ -294,12 +308,10 @@ async def test_a_new_session_reuses_only_a_connection_answered_lately(monkeypatc
         upstream = Upstream(f"http://127.0.0.1:{port}", limit=2)
         try:
             (await upstream.request("GET", "/status", [], None, timeout=5)).release()
-            (await upstream.request("POST", "/session", [], b"{}", timeout=5,
-                                    replay_stale=True)).release()
+            (await new_session(upstream, via)).release()
             assert upstream.opened_total == 1  # warm: reused
             await asyncio.sleep(0.3)
-            (await upstream.request("POST", "/session", [], b"{}", timeout=5,
-                                    replay_stale=True)).release()
+            (await new_session(upstream, via)).release()
             assert upstream.opened_total == 2  # idle too long: a fresh one
             (await upstream.request("GET", "/status", [], None, timeout=5)).release()
             assert upstream.opened_total == 2  # commands reuse whatever is idle
