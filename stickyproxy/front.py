@@ -13,8 +13,9 @@ guarantees to that handler:
 
 - requests of a connection are served one at a time, in order (pipelined ones wait their turn);
 - a body arrives whole (`read`) or as a stream with backpressure (`chunks`);
-- a client that disconnects cancels its coroutine (a queued new session leaves the queue at once);
-  a request taken LATER runs to its end, and its answer is dropped;
+- a client that disconnects cancels its coroutine (a queued new session leaves the queue at once),
+  at its first await at the earliest, so its own clean-up runs; a request taken LATER runs to
+  its end (`Request.gone` says the client left), and its answer is dropped;
 - bytes that are not HTTP, or a request line or header over `max_header_size`, are answered by
   `on_bad_request`'s error and the connection is closed;
 - idle keep-alive connections close after `idle_timeout`; connections over `max_connections`
@@ -177,6 +178,12 @@ class Request:
     def body_exists(self) -> bool:
         return self.body is not None
 
+    @property
+    def gone(self) -> bool:
+        """The client has left (its connection is closed): an answer would be dropped."""
+        transport = self._conn.transport
+        return transport is None or transport.is_closing()
+
     async def read(self) -> bytes:
         return await self.body.read() if self.body is not None else b""
 
@@ -335,7 +342,10 @@ class Connection(asyncio.Protocol):
                 request.body.fail(gone)
         self.waiting.clear()
         if self.task is not None:
-            self.task.cancel()  # the client left: its handler stops (and leaves any queue)
+            # The client left: its handler stops (and leaves any queue), from its next await.
+            # A step not started yet runs to its first await before: cancelled earlier, a
+            # coroutine runs none of its own clean-up (a reserved slot, a backend answer held).
+            self.loop.call_soon(self.task.cancel)
         if self._drain is not None:
             self._drain.cancel()  # a streaming handler waiting to write stops (it is cancelled)
 

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import eventually
-from stickyproxy.front import LATER, BodyTooLarge, Port, Request
+from stickyproxy.front import LATER, BodyTooLarge, Connection, Port, Request
 
 JSON = (b"Content-Type", b"application/json")
 
@@ -305,3 +305,47 @@ async def test_answers_given_at_once_or_later_keep_pipelined_requests_in_order(c
 async def test_a_callback_that_fails_gets_a_500_answer_and_ends_the_connection(callback_port):
     status, headers, body = await last_answer(callback_port, get("/crash"))
     assert status == 500 and json.loads(body)["value"]["message"] == "failed"
+
+
+async def test_a_coroutine_whose_client_left_before_it_started_still_cleans_up():
+    """The client's connection is lost before the loop first runs the handler's task (as the
+    loop may deliver both in one turn): the coroutine still runs to its first await, so its
+    own clean-up (a reserved backend slot, an answer held) runs when it is cancelled there."""
+    events: list[str] = []
+
+    async def handler(request: Request) -> None:
+        events.append("started")
+        try:
+            await asyncio.sleep(60)
+        finally:
+            events.append("cleaned up")
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.closed = False
+
+        def get_extra_info(self, name, default=None):
+            return default
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def write(self, data) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+
+    server = Port(lambda request: handler(request), idle_timeout=5, max_header_size=1024,
+                  max_body=64, on_bad_request=bad_request, on_too_many=too_many)
+    conn = Connection(server)
+    transport = Transport()
+    conn.connection_made(transport)
+    conn.data_received(get("/a"))  # the handler's task is created, not run yet
+    task = conn.task
+    transport.closed = True
+    conn.connection_lost(None)
+    assert conn.task is task and not task.done() and events == []
+    await eventually(lambda: task.done())
+    assert task.cancelled() and events == ["started", "cleaned up"]
