@@ -144,7 +144,7 @@ def _route(request: Request, app: App, timing: Timing) -> Reply | Awaitable[Repl
         return _session_command(request, app, route.session_id, route.kind, route.rest)
     if route.kind is Kind.NEW_SESSION:
         timing.kind = "new_session"
-        return _new_session(request, app)
+        return _new_session_now(request, app)
     if route.kind is Kind.STATUS:
         return _status(app.pool)
     raise WebDriverError.unknown_command(request.method, request.path)
@@ -348,34 +348,119 @@ async def _relay(request: Request, answer: Response, backend: Backend,
         answer.release()
 
 
-async def _new_session(request: Request, app: App) -> Reply:
-    pool, queue = app.pool, app.queue
-    if app.state.shutting_down:
-        raise WebDriverError.session_not_created("stickyproxy is shutting down")
-    guard = app.guard
-    wait = guard.limiter.take(request.remote or "-", time.monotonic())
-    if wait:
-        raise guard.refuse("rate", guard.too_fast(wait), request.remote)
-    try:
-        body = await request.read()
-    except BodyTooLarge:
-        raise guard.refuse("body_too_large", guard.too_large(None), request.remote) from None
+@dataclass(slots=True)
+class NewSession:
+    """A new-session request, read and checked: what is sent to a backend, and for whom."""
+    payload: dict
+    body: bytes  # as sent to a backend: the client's, or rewritten for a W3C client
+    cookie: str | None
+    w3c_client: bool
+
+
+def _new_session_request(request: Request, body: bytes) -> NewSession:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise WebDriverError.invalid_argument(f"new session body is not JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise WebDriverError.invalid_argument("new session body must be a JSON object")
-    cookie = request.headers.get("cookie")
     if bridge.client_dialect(payload) == "w3c":
         # Sent with desiredCapabilities too, as Selenium 3 clients did: GhostDriver reads those,
         # a W3C backend ignores them, and the answer's shape tells which one we reached.
-        body = json.dumps(bridge.new_session_request(payload)).encode()
-        w3c_client = True
-    else:
-        w3c_client = False
-    tried: tuple[str, ...] = ()
-    backend_id = queue.admit(cookie)
+        return NewSession(payload, json.dumps(bridge.new_session_request(payload)).encode(),
+                          request.headers.get("cookie"), True)
+    return NewSession(payload, body, request.headers.get("cookie"), False)
+
+
+_ADMIT = object()  # _new_session's backend_id: none reserved yet
+
+
+def _new_session_now(request: Request, app: App) -> Awaitable[Reply] | object:
+    """A new session, checked, then usually sent on from here and answered from a callback,
+    as a command is (a task, a shield and a few coroutines less per session: x0.69 of the
+    Python per request of a new session + delete pair, benchmarks/hotpath.py --lifecycle).
+    A body still arriving, a W3C client (the bridge), a full pool (the queue), a backend gone
+    or a failed attempt go on in `_new_session`, the coroutine, under the same rules."""
+    if app.state.shutting_down:
+        raise WebDriverError.session_not_created("stickyproxy is shutting down")
+    guard = app.guard
+    wait = guard.limiter.take(request.remote or "-", time.monotonic())
+    if wait:
+        raise guard.refuse("rate", guard.too_fast(wait), request.remote)
+    body = request.body.whole() if request.body is not None else b""
+    if body is None:  # not all here yet (or over --max-body: the coroutine says so)
+        return _new_session(request, app)
+    new = _new_session_request(request, body)
+    if new.w3c_client:
+        return _new_session(request, app, new)
+    backend_id = app.queue.admit(new.cookie)
+    backend = app.pool.backends.get(backend_id) if backend_id is not None else None
+    if backend is None:  # to queue for a slot, or reserved on a backend just removed
+        return _new_session(request, app, new, backend_id)
+    request.timing.backend_id = backend_id
+    backend.upstream.submit("POST", request.target, request.forward, new.body, app.timeout,
+                            partial(_new_session_answered, request, app, new, backend,
+                                    time.perf_counter()), replay_stale=True)
+    return LATER
+
+
+def _new_session_answered(request: Request, app: App, new: NewSession, backend: Backend,
+                          began: float, answer: Response | None, exc: BaseException | None
+                          ) -> None:
+    """The backend's answer to a new session sent by `_new_session_now`: pinned and passed on.
+    A failure, or an answer not all here, goes on in `_new_session`'s loop, which retries
+    elsewhere only when the backend provably never saw the request."""
+    request.timing.backend += time.perf_counter() - began
+    try:
+        data = None
+        if exc is None and answer.length is not None and answer.length <= WHOLE:
+            data = answer.ready_body()
+        if data is None:
+            attempt = asyncio.get_running_loop().create_future()
+            if exc is not None:
+                attempt.set_exception(exc)
+            else:
+                attempt = asyncio.ensure_future(_rest_of(request, answer))
+            request.run(_answer_when_done(request, _new_session(request, app, new, backend.id,
+                                                                attempt=attempt)))
+            return
+        try:  # pinned before the reservation is released, so the slot is never handed twice
+            if request.gone:  # the client left while the backend created its session
+                _orphan(app, backend, answer, data, request.principal)
+                _observe(request, 499)  # as _answer_when_done counts a client gone
+                return
+            try:
+                reply = _pin_plain(request, app, backend, answer, data, new.cookie)
+            except WebDriverError as err:
+                reply = error_response(err)
+        finally:
+            answer.release()
+            app.pool.release(backend.id)
+        _answer(request, reply)
+    except Exception:
+        request.crashed()
+        return
+    request.finish()
+
+
+async def _new_session(request: Request, app: App, new: NewSession | None = None,
+                       backend_id: str | None | object = _ADMIT, tried: tuple[str, ...] = (),
+                       attempt: asyncio.Future | None = None) -> Reply:
+    """A new session the callback way could not finish: placed (queued for a slot when the
+    pool is full), sent, retried elsewhere only when the backend never saw it, pinned. It
+    starts from what `_new_session_now` did: the request read (`new`), a backend reserved
+    (`backend_id`), or an attempt on it already under way or failed (`attempt`)."""
+    pool, queue = app.pool, app.queue
+    if new is None:
+        try:
+            body = await request.read()
+        except BodyTooLarge:
+            raise app.guard.refuse("body_too_large", app.guard.too_large(None),
+                                   request.remote) from None
+        new = _new_session_request(request, body)
+    cookie, w3c_client = new.cookie, new.w3c_client
+    if backend_id is _ADMIT:
+        backend_id = queue.admit(cookie)
     while True:
         if backend_id is None:
             backend_id = await _wait_for_slot(request, app, cookie, tried)
@@ -384,21 +469,24 @@ async def _new_session(request: Request, app: App) -> Reply:
         try:
             if backend is None:  # removed while we waited
                 raise NotConnected("backend was removed")
+            if attempt is None:
+                chrome_args = backend.spec.meta.get("chrome_args") if w3c_client else None
+                sent = (json.dumps(bridge.new_session_request(with_chrome_args(new.payload, chrome_args)))
+                        .encode() if chrome_args else new.body)
+                attempt = asyncio.ensure_future(_attempt(request, app, backend, sent, w3c_client))
             # Shielded: if the client leaves mid-attempt, a session the backend may create is
             # still learned, and deleted, instead of left running with nobody to quit it.
-            chrome_args = backend.spec.meta.get("chrome_args") if w3c_client else None
-            sent = (json.dumps(bridge.new_session_request(with_chrome_args(payload, chrome_args)))
-                    .encode() if chrome_args else body)
-            attempt = asyncio.ensure_future(_attempt(request, app, backend, sent, w3c_client))
             try:
                 answer, data = await asyncio.shield(attempt)
             except asyncio.CancelledError:
                 owner = request.principal
                 attempt.add_done_callback(lambda t, b=backend: _orphaned(app, b, t, owner))
                 raise
+            finally:
+                attempt = None  # (the next backend, if any, gets an attempt of its own)
             try:  # pinned before the reservation is released, so the slot is never handed twice
                 return await _pin_new_session(request, app, backend, answer, data, cookie,
-                                              payload if w3c_client else None)
+                                              new.payload if w3c_client else None)
             finally:
                 answer.release()
         except (NotConnected, UpstreamError, TimeoutError) as exc:
@@ -455,6 +543,11 @@ async def _attempt(request: Request, app: App, backend: Backend, body: bytes,
         headers.append((b"Content-Type", b"application/json; charset=utf-8"))
     answer = await request.timing.on_backend(backend.upstream.request(
         "POST", request.target, headers, body, timeout=app.timeout, replay_stale=True))
+    return await _rest_of(request, answer)
+
+
+async def _rest_of(request: Request, answer: Response) -> tuple[Response, bytes]:
+    """A new-session answer whose head is here, with its whole body."""
     try:
         return answer, await request.timing.on_backend(answer.read())
     except BaseException:
@@ -464,12 +557,17 @@ async def _attempt(request: Request, app: App, backend: Backend, body: bytes,
 
 def _orphaned(app: App, backend: Backend, attempt: asyncio.Future,
               owner: str) -> None:
-    """The client left while its new session was being created: pin it, then end it at once
-    (deleted on the backend), so it is counted and logged instead of leaking."""
+    """The done callback of an attempt whose client left while it ran (see `_orphan`)."""
     if attempt.cancelled() or attempt.exception() is not None:
         return
     answer, data = attempt.result()
     answer.release()
+    _orphan(app, backend, answer, data, owner)
+
+
+def _orphan(app: App, backend: Backend, answer: Response, data: bytes, owner: str) -> None:
+    """A new session whose client left before its answer: pinned and ended at once (deleted on
+    the backend), so it is counted and logged instead of leaking."""
     try:
         sid = session_id_of(json.loads(data)) if 200 <= answer.status < 300 else None
     except ValueError:
@@ -485,6 +583,28 @@ async def _pin_new_session(request: Request, app: App, backend: Backend,
                            w3c_payload: dict | None) -> Reply:
     """Learn the session id from a backend's new-session answer and pin it. For a W3C client
     (`w3c_payload` given) whose backend answered JSONWP, the session is bridged."""
+    pinned = _pin(request, app, backend, answer, data, cookie, w3c_payload)
+    if type(pinned) is Reply:
+        return pinned
+    status, parsed, sid, bridged = pinned
+    setup = bridged.setup()  # timeouts the client asked for in its capabilities
+    if setup is not None:
+        reply = await bridge.run(setup, _sender(request, app, backend, sid))  # the backend's id
+        if reply.status != 200:
+            return _json(reply.status, reply.body, backend)
+    return _json(status, parsed, backend)
+
+
+def _pin_plain(request: Request, app: App, backend: Backend, answer: Response, data: bytes,
+               cookie: str | None) -> Reply:
+    """`_pin_new_session` for a JSON Wire client (never bridged), without a coroutine."""
+    return _pin(request, app, backend, answer, data, cookie, None)
+
+
+def _pin(request: Request, app: App, backend: Backend, answer: Response, data: bytes,
+         cookie: str | None, w3c_payload: dict | None):
+    """The reply, or for a bridged session (status, parsed answer, backend's id, bridge) to
+    finish with the bridge's setup."""
     headers = _answer_headers(answer, backend)
     try:
         parsed = json.loads(data)
@@ -529,12 +649,7 @@ async def _pin_new_session(request: Request, app: App, backend: Backend,
             parsed.get("status"), int) else "w3c"
         return Reply(answer.status, headers, data)
     backend.dialect = "jsonwp"
-    setup = bridged.setup()  # timeouts the client asked for in its capabilities
-    if setup is not None:
-        reply = await bridge.run(setup, _sender(request, app, backend, sid))  # the backend's id
-        if reply.status != 200:
-            return _json(reply.status, reply.body, backend)
-    return _json(status, parsed, backend)
+    return status, parsed, sid, bridged
 
 
 def _json(status: int, body, backend: Backend) -> Reply:

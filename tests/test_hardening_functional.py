@@ -173,7 +173,10 @@ class FakeBackend:
 
     It answers /status and new sessions like GhostDriver until `mode` says otherwise:
     "hang" (accept, never answer), "garbage" (not HTTP), "cut" (close mid-answer),
-    "no_session_id" (a 200 new-session answer without an id), "not_json".
+    "no_session_id" (a 200 new-session answer without an id), "not_json", "slow_new" (a new
+    session answered after a second), "chunked_new" (a new session answered chunked). `seen`
+    lists the requests it got (method, target), `creating` the new sessions it began,
+    `deleted` the DELETE targets.
     """
 
     def __init__(self) -> None:
@@ -181,6 +184,9 @@ class FakeBackend:
         self.port = self.server.getsockname()[1]
         self.mode = "ok"
         self.sessions = 0
+        self.seen: list[tuple[str, str]] = []
+        self.creating = 0
+        self.deleted: list[str] = []
         self.hung: list[socket.socket] = []
         self._stop = False
         threading.Thread(target=self._serve, daemon=True).start()
@@ -221,6 +227,7 @@ class FakeBackend:
 
     def _answer(self, conn, method: str, target: str) -> bool:
         mode = self.mode
+        self.seen.append((method, target))
         if target == "/status" and mode != "hang":
             self._send(conn, 200, b'{"status": 0, "value": {"build": {"version": "fake"}}}')
             return True
@@ -234,7 +241,19 @@ class FakeBackend:
         if mode == "cut":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\": 0, \"va")
             return False
+        if method == "DELETE":
+            self.deleted.append(target)
         if method == "POST" and target == "/session":
+            self.creating += 1
+            if mode == "slow_new":
+                threading.Event().wait(1.0)
+            if mode == "chunked_new":
+                self.sessions += 1
+                body = b'{"sessionId": "fake-%d", "status": 0, "value": {}}' % self.sessions
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
+                             % (len(body), body))
+                return True
             if mode == "no_session_id":
                 self._send(conn, 200, b'{"status": 0, "value": {}}')
             else:
@@ -271,6 +290,14 @@ def fake_backend():
         backend.close()
 
 
+def behind_one_proxy(stickyproxy, fake_backend):
+    """A fake backend alone behind a proxy that checks it rarely (its mode is the test's)."""
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s")
+    wait_up(proxy, 1)
+    return fake, proxy
+
+
 def test_a_backend_that_hangs_times_out_and_goes_down_others_unaffected(stickyproxy, fake_backend,
                                                                        phantomjs):
     fake, real = fake_backend(), phantomjs()
@@ -298,9 +325,7 @@ def test_a_backend_that_hangs_times_out_and_goes_down_others_unaffected(stickypr
 ])
 def test_a_backend_that_answers_garbage_or_cuts_off_gives_a_clear_error(stickyproxy, fake_backend,
                                                                        mode, message):
-    fake = fake_backend()
-    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s")
-    wait_up(proxy, 1)
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
     status, body, _ = http_json(proxy.url + "/session", "POST", NEW)
     sid = body["sessionId"]
     fake.mode = mode
@@ -312,21 +337,73 @@ def test_a_backend_that_answers_garbage_or_cuts_off_gives_a_clear_error(stickypr
 
 
 def test_non_json_answers_of_a_session_pass_through_untouched(stickyproxy, fake_backend):
-    fake = fake_backend()
-    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s")
-    wait_up(proxy, 1)
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
     sid = http_json(proxy.url + "/session", "POST", NEW)[1]["sessionId"]
     fake.mode = "not_json"
     status, _, body = raw(proxy.port, request("GET", f"/session/{sid}/source"))
     assert status == 200 and body == b"<html>surprise</html>"  # the backend's own answer
 
 
+def test_a_new_session_answered_chunked_is_read_whole_and_pinned(stickyproxy, fake_backend):
+    """Not awaited whole by the connection (no length): read on by a coroutine, then pinned."""
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
+    fake.mode = "chunked_new"
+    status, body, headers = http_json(proxy.url + "/session", "POST", NEW)
+    assert status == 200 and body["sessionId"] == "fake-1"
+    assert headers["X-Stickyproxy-Backend"] == "static-1"
+    assert proxy.stats()["sessions_active"] == 1
+    fake.mode = "ok"
+    assert http_json(f"{proxy.url}/session/fake-1/url")[0] == 200
+
+
+@pytest.mark.parametrize("mode", ["cut", "garbage"])
+def test_a_new_session_its_backend_may_have_seen_is_not_retried_elsewhere(stickyproxy,
+                                                                          fake_backend, mode):
+    broken, fine = fake_backend(), fake_backend()
+    proxy = stickyproxy("--backend", broken.url, "--backend", fine.url, "--check-interval", "60s")
+    wait_up(proxy, 2)
+    broken.mode = mode
+    created = 0
+    for _ in range(4):  # until one lands on the broken backend (the other is emptier then)
+        status, body, headers = http_json(proxy.url + "/session", "POST", NEW)
+        if status == 200:
+            assert headers["X-Stickyproxy-Backend"] == "static-2"
+            created += 1
+            continue
+        assert status == 500 and body["value"]["error"] == "session not created"
+        assert "not retried elsewhere" in body["value"]["message"]
+        break
+    else:
+        pytest.fail("no new session was placed on the broken backend")
+    new = ("POST", "/session")
+    assert broken.seen.count(new) == 1 and fine.seen.count(new) == created  # no second attempt
+    assert proxy.stats()["sessions_active"] == created
+    assert proxy.log(r"SESSION_NOT_CREATED backend=static-1")
+
+
 def test_a_new_session_answer_without_an_id_pins_nothing(stickyproxy, fake_backend):
-    fake = fake_backend()
-    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s")
-    wait_up(proxy, 1)
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
     fake.mode = "no_session_id"
     status, body, _ = http_json(proxy.url + "/session", "POST", NEW)
     assert status == 500 and body["value"]["error"] == "session not created"
     assert "without a session id" in body["value"]["message"]
     assert proxy.stats()["sessions_active"] == 0
+
+
+@pytest.mark.parametrize("payload", [
+    NEW,  # a JSON Wire client: sent on and answered from a callback
+    {"capabilities": {"alwaysMatch": {"browserName": "phantomjs"}}},  # W3C: the bridge's coroutine
+], ids=["jsonwp", "w3c"])
+def test_a_client_that_leaves_while_its_session_is_created_leaves_none_running(
+        stickyproxy, fake_backend, payload):
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
+    fake.mode = "slow_new"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(request("POST", "/session", json.dumps(payload).encode()))
+        wait_for(lambda: fake.creating == 1, 10, what="the backend creating the session")
+    # The client is gone; the backend answers a second later with a session nobody will quit.
+    wait_for(lambda: fake.deleted == ["/session/fake-1"], 10, what="the orphan deleted")
+    stats = proxy.stats()
+    assert stats["sessions_active"] == 0 and stats["sessions_ended"]["client_delete"] == 1
+    assert proxy.log(r'SESSION_ENDED session=fake-1 backend=static-1 reason=client_delete '
+                     r'detail="client left before the new session answer"')
