@@ -22,7 +22,7 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, Union
 from urllib.parse import quote, unquote, urlsplit
 
 W3C_ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
@@ -988,21 +988,29 @@ def _release_actions(command: str, session: BridgeSession) -> Step:
 # --- running a plan ------------------------------------------------------------------------
 
 async def run(step: Step, send: Send,
-              offload: Callable[..., Awaitable[Any]] | None = asyncio.to_thread) -> Reply:
+              offload: Callable[..., Awaitable[Any]] | None = asyncio.to_thread,
+              made: Iterable[Result] = ()) -> Reply:
     """Run a plan against the pinned backend through `send(method, subpath, body)` and return
     the W3C answer. Calls go one at a time, in order, and stop at the first failure: a
     command the backend refused is never retried or continued. A `heavy` plan's combine runs
     through `offload` (a thread by default) so a large element screenshot never stalls the
-    event loop; pass None to run everything inline."""
+    event loop; pass None to run everything inline. `made`: the results of the first calls of
+    `step`, made already (a run begun by callbacks, resumed here)."""
+    results = list(made)
     while isinstance(step, Plan):
-        results: list[Result] = []
-        for call in step.calls:
-            result = await send(*call)
-            results.append(result)
-            if step.failure(result) is not None:
-                break
+        while (call := next_call(step, results)) is not None:
+            results.append(await send(*call))
         if step.heavy and offload is not None:
             step = await offload(step.reply, results)
         else:
             step = step.reply(results)
+        results = []
     return step
+
+
+def next_call(step: Plan, results: list[Result]) -> Call | None:
+    """The call of `step` to make next, given the results of those made; None once all are
+    made or one failed (then `step.reply(results)` answers)."""
+    if len(results) < len(step.calls) and (not results or step.failure(results[-1]) is None):
+        return step.calls[len(results)]
+    return None

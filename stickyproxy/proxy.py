@@ -36,6 +36,7 @@ BACKEND_HEADER = "X-Stickyproxy-Backend"
 _BACKEND_HEADER = BACKEND_HEADER.encode()
 _BUFFER_LIMIT = 1 << 20  # bodies up to this are forwarded whole; larger ones stream
 _JSON_TYPE = (b"Content-Type", b"application/json; charset=utf-8")
+_JSON_LINE = b"Content-Type: application/json; charset=utf-8\r\n"
 
 
 @dataclass(eq=False)
@@ -203,7 +204,7 @@ def _session_command(request: Request, app: App, sid: str, kind: Kind,
     session.last_used = time.monotonic()
     session.requests += 1
     if session.bridge is not None:
-        return _bridged_command(request, app, session, backend, rest, kind)
+        return _bridged_command_now(request, app, session, backend, rest, kind)
     backend.requests_total += 1
     if session.backend_sid == sid:  # the usual command: sent on as it came, answered by callback
         body = request.body
@@ -667,36 +668,139 @@ def _sender(request: Request, app: App, backend: Backend, sid: str):
         backend.requests_total += 1
         answer = await timing.on_backend(backend.upstream.request(
             method, f"/session/{sid}{subpath}", headers, payload, timeout=app.timeout))
-        try:
-            raw = await timing.on_backend(answer.read())
-        finally:
-            answer.release()
-        try:
-            return answer.status, json.loads(raw)
-        except ValueError:
-            return answer.status, raw.decode("utf-8", "replace")
+        return await _result(request, answer)
     return send
 
 
-async def _bridged_command(request: Request, app: App, session: Session, backend: Backend,
-                           rest: str, kind: Kind) -> Reply:
-    """A W3C command of a session on a JSONWP backend: planned and answered by the bridge."""
-    raw = await request.read()
+async def _result(request: Request, answer: Response) -> tuple[int, object]:
+    """A bridged call's answer read whole and released: (status, parsed body)."""
+    try:
+        raw = await request.timing.on_backend(answer.read())
+    finally:
+        answer.release()
+    return answer.status, _parsed(raw)
+
+
+def _parsed(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+def _bridge_plan(request: Request, session: Session, rest: str, raw: bytes) -> bridge.Step:
     try:
         body = json.loads(raw) if raw.strip() else None
     except (ValueError, UnicodeDecodeError) as exc:
         raise WebDriverError.invalid_argument(f"body is not JSON: {exc}") from None
-    step = session.bridge.plan(request.method, rest, body)
+    return session.bridge.plan(request.method, rest, body)
+
+
+def _bridged_command_now(request: Request, app: App, session: Session, backend: Backend,
+                         rest: str, kind: Kind) -> Reply | Awaitable[Reply] | object:
+    """A W3C command of a session on a JSONWP backend, planned by the bridge and run as a
+    command is: each call sent from here or from the previous call's answer (`_BridgeRun`).
+    A body still arriving goes to the coroutine (`_bridged_command`)."""
+    raw = request.body.whole() if request.body is not None else b""
+    if raw is None:
+        return _bridged_command(request, app, session, backend, rest, kind)
+    step = _bridge_plan(request, session, rest, raw)
+    return _BridgeRun(request, app, session, backend, kind).advance(step, [])
+
+
+class _BridgeRun:
+    """bridge.run without a coroutine: a plan's calls submitted one by one, each from the
+    answer of the one before. A heavy plan (its combine runs in a thread) or an answer too
+    long to take whole goes on in `_bridged_run`, from the calls made so far."""
+
+    __slots__ = ("request", "app", "session", "backend", "kind", "step", "results", "began")
+
+    def __init__(self, request: Request, app: App, session: Session, backend: Backend,
+                 kind: Kind) -> None:
+        self.request, self.app, self.session, self.backend, self.kind = (
+            request, app, session, backend, kind)
+        self.step: bridge.Plan | None = None
+        self.results: list = []
+        self.began = 0.0
+
+    def advance(self, step: bridge.Step, results: list) -> Reply | Awaitable[Reply] | object:
+        """The reply, LATER (a call is on its way), or the coroutine that finishes."""
+        while isinstance(step, bridge.Plan):
+            call = bridge.next_call(step, results)
+            if call is not None:
+                self.step, self.results = step, results
+                self._send(*call)
+                return LATER
+            if step.heavy:
+                return _bridged_run(self.request, self.app, self.session, self.backend,
+                                    self.kind, step, results)
+            step, results = step.reply(results), []
+        return _bridged_reply(self.app, self.session, self.backend, self.kind, step)
+
+    def _send(self, method: str, subpath: str, body) -> None:
+        payload = None if body is None else json.dumps(body).encode()
+        backend = self.backend
+        backend.requests_total += 1
+        self.began = time.perf_counter()
+        backend.upstream.submit(method, f"/session/{self.session.backend_sid}{subpath}",
+                                _JSON_LINE if payload else b"", payload, self.app.timeout,
+                                self._answered)
+
+    def _answered(self, answer: Response | None, exc: BaseException | None) -> None:
+        request = self.request
+        request.timing.backend += time.perf_counter() - self.began
+        try:
+            try:
+                if exc is not None:
+                    raise _command_failed(self.app, self.session.id, self.kind, self.backend, exc)
+                raw = None
+                if answer.length is not None and answer.length <= WHOLE:
+                    raw = answer.ready_body()
+                if raw is None:  # long (a big screenshot): read on by a coroutine
+                    step = _bridged_run(request, self.app, self.session, self.backend,
+                                        self.kind, self.step, self.results, answer)
+                else:
+                    answer.release()
+                    self.results.append((answer.status, _parsed(raw)))
+                    step = self.advance(self.step, self.results)
+            except WebDriverError as err:
+                step = error_response(err)
+            if step is LATER:
+                return
+            if type(step) is not Reply:
+                request.run(_answer_when_done(request, step))
+                return
+            _answer(request, step)
+        except Exception:
+            request.crashed()
+            return
+        request.finish()
+
+
+async def _bridged_command(request: Request, app: App, session: Session, backend: Backend,
+                           rest: str, kind: Kind) -> Reply:
+    """A W3C command of a session on a JSONWP backend whose body is still arriving."""
+    step = _bridge_plan(request, session, rest, await request.read())
+    return await _bridged_run(request, app, session, backend, kind, step)
+
+
+async def _bridged_run(request: Request, app: App, session: Session, backend: Backend,
+                       kind: Kind, step: bridge.Step, made: list = (),
+                       answer: Response | None = None) -> Reply:
+    """A bridged command run by the bridge's coroutine, from the calls of `step` already
+    `made` and the `answer` of the next one, if it came but not whole."""
     try:
-        reply = await bridge.run(step, _sender(request, app, backend, session.backend_sid))
+        if answer is not None:
+            made = [*made, await _result(request, answer)]
+        reply = await bridge.run(step, _sender(request, app, backend, session.backend_sid),
+                                 made=made)
     except (NotConnected, UpstreamError, TimeoutError) as exc:
-        backend.errors_total += 1
-        why = str(exc) or f"no answer within {app.timeout:g}s"
-        log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', session.id, backend.id, why)
-        if kind is Kind.DELETE_SESSION:
-            app.sessions.end(session.id, EndReason.CLIENT_DELETE,
-                                      f"delete not confirmed: {why}")
-        raise WebDriverError.backend_unavailable(session.id, backend.id, why) from None
+        raise _command_failed(app, session.id, kind, backend, exc) from None
+    return _bridged_reply(app, session, backend, kind, reply)
+
+
+def _bridged_reply(app: App, session: Session, backend: Backend, kind: Kind,
+                   reply: bridge.Reply) -> Reply:
     if kind is Kind.DELETE_SESSION:
         app.sessions.end(session.id, EndReason.CLIENT_DELETE)
     return _json(reply.status, reply.body, backend)

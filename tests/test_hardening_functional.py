@@ -20,6 +20,8 @@ from conftest import http_json, wait_for, wait_up
 pytestmark = pytest.mark.functional
 
 NEW = {"desiredCapabilities": {}}
+W3C_NEW = {"capabilities": {"alwaysMatch": {"browserName": "phantomjs"}}}
+BIG = 2 << 20  # over upstream.WHOLE: an answer relayed as it streams, not awaited whole
 
 
 def raw(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict, bytes]:
@@ -174,7 +176,8 @@ class FakeBackend:
     It answers /status and new sessions like GhostDriver until `mode` says otherwise:
     "hang" (accept, never answer), "garbage" (not HTTP), "cut" (close mid-answer),
     "no_session_id" (a 200 new-session answer without an id), "not_json", "slow_new" (a new
-    session answered after a second), "chunked_new" (a new session answered chunked). `seen`
+    session answered after a second), "chunked_new" (a new session answered chunked), "big" (a
+    command answered with a 2 MiB value). `seen`
     lists the requests it got (method, target), `creating` the new sessions it began,
     `deleted` the DELETE targets.
     """
@@ -264,6 +267,9 @@ class FakeBackend:
         if mode == "not_json":
             self._send(conn, 200, b"<html>surprise</html>")
             return True
+        if mode == "big":
+            self._send(conn, 200, b'{"status": 0, "value": "%b"}' % (b"x" * BIG))
+            return True
         self._send(conn, 200, b'{"status": 0, "value": null}')
         return True
 
@@ -319,15 +325,16 @@ def test_a_backend_that_hangs_times_out_and_goes_down_others_unaffected(stickypr
     assert status == 200 and headers["X-Stickyproxy-Backend"] == "static-2"
 
 
+@pytest.mark.parametrize("payload", [NEW, W3C_NEW], ids=["jsonwp", "w3c-bridged"])
 @pytest.mark.parametrize("mode, message", [
     ("garbage", "malformed HTTP response"),
     ("cut", "closed the connection mid-response"),
 ])
 def test_a_backend_that_answers_garbage_or_cuts_off_gives_a_clear_error(stickyproxy, fake_backend,
-                                                                       mode, message):
+                                                                       mode, message, payload):
     fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
-    status, body, _ = http_json(proxy.url + "/session", "POST", NEW)
-    sid = body["sessionId"]
+    status, body, _ = http_json(proxy.url + "/session", "POST", payload)
+    sid = body["sessionId"] if "sessionId" in body else body["value"]["sessionId"]
     fake.mode = mode
     status, body, _ = http_json(f"{proxy.url}/session/{sid}/url")
     assert status == 500 and body["value"]["error"] == "unknown error"
@@ -392,7 +399,7 @@ def test_a_new_session_answer_without_an_id_pins_nothing(stickyproxy, fake_backe
 
 @pytest.mark.parametrize("payload", [
     NEW,  # a JSON Wire client: sent on and answered from a callback
-    {"capabilities": {"alwaysMatch": {"browserName": "phantomjs"}}},  # W3C: the bridge's coroutine
+    W3C_NEW,  # W3C: the bridge's coroutine
 ], ids=["jsonwp", "w3c"])
 def test_a_client_that_leaves_while_its_session_is_created_leaves_none_running(
         stickyproxy, fake_backend, payload):
@@ -407,3 +414,18 @@ def test_a_client_that_leaves_while_its_session_is_created_leaves_none_running(
     assert stats["sessions_active"] == 0 and stats["sessions_ended"]["client_delete"] == 1
     assert proxy.log(r'SESSION_ENDED session=fake-1 backend=static-1 reason=client_delete '
                      r'detail="client left before the new session answer"')
+
+
+@pytest.mark.parametrize("payload", [NEW, W3C_NEW], ids=["jsonwp", "w3c-bridged"])
+def test_a_command_answer_too_long_to_await_whole_arrives_whole(stickyproxy, fake_backend,
+                                                                 payload):
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
+    status, body, _ = http_json(proxy.url + "/session", "POST", payload)
+    assert status == 200
+    sid = body["sessionId"] if "sessionId" in body else body["value"]["sessionId"]
+    fake.mode = "big"
+    status, body, _ = http_json(f"{proxy.url}/session/{sid}/source", timeout=30)
+    assert status == 200 and body["value"] == "x" * BIG
+    fake.mode = "ok"
+    assert http_json(f"{proxy.url}/session/{sid}", "DELETE")[0] == 200
+    assert proxy.stats()["sessions_active"] == 0
