@@ -7,9 +7,9 @@ request and response machinery was about a third of stickyproxy's CPU per comman
 This module knows HTTP, not WebDriver: it hands each request to the handler, which answers with
 `Request.send` in one of three ways: at once (it returns None); later from a callback (it
 returns `LATER`, then calls `Request.finish`); or in a coroutine (it returns an awaitable, run as
-a task of its own). The callback way is what a proxied command takes: no task wakes up for it,
-which spared 17% of the proxy's own CPU per command (benchmarks/hotpath.py). What it
-guarantees to that handler:
+a task of its own). The callback way is what a proxied command takes (a usual new session and
+a bridged W3C command too): no task wakes up for it, which spared 17% of the proxy's own CPU
+per command (benchmarks/hotpath.py). What it guarantees to that handler:
 
 - requests of a connection are served one at a time, in order (pipelined ones wait their turn);
 - a body arrives whole (`read`) or as a stream with backpressure (`chunks`);
