@@ -378,7 +378,7 @@ _ADMIT = object()  # _new_session's backend_id: none reserved yet
 
 def _new_session_now(request: Request, app: App) -> Awaitable[Reply] | object:
     """A new session, checked, then usually sent on from here and answered from a callback,
-    as a command is (a task, a shield and a few coroutines less per session: x0.69 of the
+    as a command is (a task, a shield and a few coroutines less per session: x0.68 of the
     Python per request of a new session + delete pair, benchmarks/hotpath.py --lifecycle).
     A body still arriving, a W3C client (the bridge), a full pool (the queue), a backend gone
     or a failed attempt go on in `_new_session`, the coroutine, under the same rules."""
@@ -417,8 +417,8 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
         if exc is None and answer.length is not None and answer.length <= WHOLE:
             data = answer.ready_body()
         if data is None:
-            attempt = asyncio.get_running_loop().create_future()
             if exc is not None:
+                attempt = asyncio.get_running_loop().create_future()
                 attempt.set_exception(exc)
             else:
                 attempt = asyncio.ensure_future(_rest_of(request, answer))
@@ -431,7 +431,7 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
                 _observe(request, 499)  # as _answer_when_done counts a client gone
                 return
             try:
-                reply = _pin_plain(request, app, backend, answer, data, new.cookie)
+                reply = _pin(request, app, backend, answer, data, new.cookie, None)
             except WebDriverError as err:
                 reply = error_response(err)
         finally:
@@ -439,6 +439,8 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
             app.pool.release(backend.id)
         _answer(request, reply)
     except Exception:
+        if answer is not None:
+            answer.release()  # (once: a released answer ignores it)
         request.crashed()
         return
     request.finish()
@@ -596,16 +598,11 @@ async def _pin_new_session(request: Request, app: App, backend: Backend,
     return _json(status, parsed, backend)
 
 
-def _pin_plain(request: Request, app: App, backend: Backend, answer: Response, data: bytes,
-               cookie: str | None) -> Reply:
-    """`_pin_new_session` for a JSON Wire client (never bridged), without a coroutine."""
-    return _pin(request, app, backend, answer, data, cookie, None)
-
-
 def _pin(request: Request, app: App, backend: Backend, answer: Response, data: bytes,
          cookie: str | None, w3c_payload: dict | None):
-    """The reply, or for a bridged session (status, parsed answer, backend's id, bridge) to
-    finish with the bridge's setup."""
+    """`_pin_new_session` without its coroutine part: the reply (always, for a JSON Wire
+    client), or for a bridged session (status, parsed answer, backend's id, bridge) to finish
+    with the bridge's setup."""
     headers = _answer_headers(answer, backend)
     try:
         parsed = json.loads(data)
@@ -772,6 +769,8 @@ class _BridgeRun:
                 return
             _answer(request, step)
         except Exception:
+            if answer is not None:
+                answer.release()  # (once: a released answer ignores it)
             request.crashed()
             return
         request.finish()
@@ -785,7 +784,7 @@ async def _bridged_command(request: Request, app: App, session: Session, backend
 
 
 async def _bridged_run(request: Request, app: App, session: Session, backend: Backend,
-                       kind: Kind, step: bridge.Step, made: list = (),
+                       kind: Kind, step: bridge.Step, made: list | tuple = (),
                        answer: Response | None = None) -> Reply:
     """A bridged command run by the bridge's coroutine, from the calls of `step` already
     `made` and the `answer` of the next one, if it came but not whole."""
