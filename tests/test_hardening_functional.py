@@ -177,9 +177,8 @@ class FakeBackend:
     "hang" (accept, never answer), "garbage" (not HTTP), "cut" (close mid-answer),
     "no_session_id" (a 200 new-session answer without an id), "not_json", "slow_new" (a new
     session answered after a second), "chunked_new" (a new session answered chunked), "big" (a
-    command answered with a 2 MiB value). `seen`
-    lists the requests it got (method, target), `creating` the new sessions it began,
-    `deleted` the DELETE targets.
+    command answered with a 2 MiB value). `seen` lists the requests it got (method, target),
+    `creating` the new sessions it began, `deleted` the DELETE targets.
     """
 
     def __init__(self) -> None:
