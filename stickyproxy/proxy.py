@@ -380,8 +380,8 @@ def _new_session_now(request: Request, app: App) -> Awaitable[Reply] | object:
     """A new session, checked, then usually sent on from here and answered from a callback,
     as a command is (a task, a shield and a few coroutines less per session: x0.68 of the
     Python per request of a new session + delete pair, benchmarks/hotpath.py --lifecycle).
-    A body still arriving, a W3C client (the bridge), a full pool (the queue), a backend gone
-    or a failed attempt go on in `_new_session`, the coroutine, under the same rules."""
+    A body still arriving, a full pool (the queue), a backend gone, a failed attempt or a
+    bridged session's setup calls go on in `_new_session`, the coroutine, under the same rules."""
     if app.state.shutting_down:
         raise WebDriverError.session_not_created("stickyproxy is shutting down")
     guard = app.guard
@@ -392,17 +392,34 @@ def _new_session_now(request: Request, app: App) -> Awaitable[Reply] | object:
     if body is None:  # not all here yet (or over --max-body: the coroutine says so)
         return _new_session(request, app)
     new = _new_session_request(request, body)
-    if new.w3c_client:
-        return _new_session(request, app, new)
     backend_id = app.queue.admit(new.cookie)
     backend = app.pool.backends.get(backend_id) if backend_id is not None else None
     if backend is None:  # to queue for a slot, or reserved on a backend just removed
         return _new_session(request, app, new, backend_id)
     request.timing.backend_id = backend_id
-    backend.upstream.submit("POST", request.target, request.forward, new.body, app.timeout,
+    backend.upstream.submit("POST", request.target, _sent_headers(request, new),
+                            _sent_body(new, backend), app.timeout,
                             partial(_new_session_answered, request, app, new, backend,
                                     time.perf_counter()), replay_stale=True)
     return LATER
+
+
+def _sent_body(new: NewSession, backend: Backend) -> bytes:
+    """The new session as sent to `backend`: a Chrome backend's own arguments added for a W3C
+    client (the provider's chrome_args)."""
+    chrome_args = backend.spec.meta.get("chrome_args") if new.w3c_client else None
+    if not chrome_args:
+        return new.body
+    return json.dumps(bridge.new_session_request(with_chrome_args(new.payload, chrome_args))).encode()
+
+
+def _sent_headers(request: Request, new: NewSession) -> bytes | list[Header]:
+    if not new.w3c_client:
+        return request.forward
+    # The body was rewritten: its length is recomputed by upstream, its type stays JSON.
+    headers = [h for h in request.raw_headers if h[0].lower() != b"content-type"]
+    headers.append((b"Content-Type", b"application/json; charset=utf-8"))
+    return headers
 
 
 def _new_session_answered(request: Request, app: App, new: NewSession, backend: Backend,
@@ -431,12 +448,21 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
                 _observe(request, 499)  # as _answer_when_done counts a client gone
                 return
             try:
-                reply = _pin(request, app, backend, answer, data, new.cookie, None)
+                reply = _pin(request, app, backend, answer, data, new.cookie,
+                             new.payload if new.w3c_client else None)
             except WebDriverError as err:
                 reply = error_response(err)
         finally:
             answer.release()
             app.pool.release(backend.id)
+        if type(reply) is not Reply:  # a bridged session: its setup first, if it has any
+            status, parsed, sid, bridged = reply
+            setup = bridged.setup()
+            if setup is not None:
+                request.run(_answer_when_done(request, _bridge_setup(
+                    request, app, backend, status, parsed, sid, setup)))
+                return
+            reply = _json(status, parsed, backend)
         _answer(request, reply)
     except Exception:
         if answer is not None:
@@ -473,10 +499,8 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
             if backend is None:  # removed while we waited
                 raise NotConnected("backend was removed")
             if attempt is None:
-                chrome_args = backend.spec.meta.get("chrome_args") if w3c_client else None
-                sent = (json.dumps(bridge.new_session_request(with_chrome_args(new.payload, chrome_args)))
-                        .encode() if chrome_args else new.body)
-                attempt = asyncio.ensure_future(_attempt(request, app, backend, sent, w3c_client))
+                attempt = asyncio.ensure_future(_attempt(
+                    request, app, backend, _sent_headers(request, new), _sent_body(new, backend)))
             # Shielded: if the client leaves mid-attempt, a session the backend may create is
             # still learned, and deleted, instead of left running with nobody to quit it.
             try:
@@ -538,12 +562,8 @@ async def _wait_for_slot(request: Request, app: App, cookie: str | None,
             app.metrics.observe_queue_wait(waited)
 
 
-async def _attempt(request: Request, app: App, backend: Backend, body: bytes,
-                   rewritten: bool) -> tuple[Response, bytes]:
-    headers = request.raw_headers
-    if rewritten:  # the body changed: its length is recomputed, its type stays JSON
-        headers = [h for h in headers if h[0].lower() != b"content-type"]
-        headers.append((b"Content-Type", b"application/json; charset=utf-8"))
+async def _attempt(request: Request, app: App, backend: Backend,
+                   headers: bytes | list[Header], body: bytes) -> tuple[Response, bytes]:
     answer = await request.timing.on_backend(backend.upstream.request(
         "POST", request.target, headers, body, timeout=app.timeout, replay_stale=True))
     return await _rest_of(request, answer)
@@ -590,11 +610,19 @@ async def _pin_new_session(request: Request, app: App, backend: Backend,
     if type(pinned) is Reply:
         return pinned
     status, parsed, sid, bridged = pinned
-    setup = bridged.setup()  # timeouts the client asked for in its capabilities
+    setup = bridged.setup()
     if setup is not None:
-        reply = await bridge.run(setup, _sender(request, app, backend, sid))  # the backend's id
-        if reply.status != 200:
-            return _json(reply.status, reply.body, backend)
+        return await _bridge_setup(request, app, backend, status, parsed, sid, setup)
+    return _json(status, parsed, backend)
+
+
+async def _bridge_setup(request: Request, app: App, backend: Backend, status: int, parsed,
+                        sid: str, setup: bridge.Step) -> Reply:
+    """A bridged session's first calls (the timeouts its client asked for in its capabilities),
+    then the new-session answer; `sid` is the backend's id."""
+    reply = await bridge.run(setup, _sender(request, app, backend, sid))
+    if reply.status != 200:
+        return _json(reply.status, reply.body, backend)
     return _json(status, parsed, backend)
 
 
