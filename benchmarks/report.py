@@ -149,13 +149,13 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                 if len(paired) == len(series):  # measured beside a reference: the drift cancelled
                     growth = max(paired[1:]) - 1
                     measured = (f"x{paired[-1]:.3f} the reference at {last[label]:,} (worst "
-                                f"{growth * 100:+.0f}%; A/A at {first[label]:,}: x{paired[0]:.3f}); "
+                                f"{growth * 100:+.1f}%; A/A at {first[label]:,}: x{paired[0]:.3f}); "
                                 f"unpaired, best runs minutes apart: {unpaired}")
                 else:
                     measured = unpaired
                 out.append((f"state: CPU/request flat within 10%, {label} {first[label]:,} -> {last[label]:,}",
                             f"{measured}{ref}{_acks(series)}{_decisions(series)}",
-                            verdict(growth <= 0.10, f"{(growth - 0.10) * 100:.0f} points")))
+                            verdict(growth <= 0.10, f"{(growth - 0.10) * 100:.1f} points")))
     return out
 
 
