@@ -380,8 +380,9 @@ def _new_session_now(request: Request, app: App) -> Awaitable[Reply] | object:
     """A new session, checked, then usually sent on from here and answered from a callback,
     as a command is (a task, a shield and a few coroutines less per session: x0.68 of the
     Python per request of a new session + delete pair, benchmarks/hotpath.py --lifecycle).
-    A body still arriving, a full pool (the queue), a backend gone, a failed attempt or a
-    bridged session's setup calls go on in `_new_session`, the coroutine, under the same rules."""
+    A body still arriving, a full pool (the queue), a backend gone or a failed attempt go on
+    in `_new_session`, the coroutine, under the same rules; a bridged session's setup calls in
+    `_bridge_setup`."""
     if app.state.shutting_down:
         raise WebDriverError.session_not_created("stickyproxy is shutting down")
     guard = app.guard

@@ -17,8 +17,9 @@ died (and any session it began died with it) or closed the idle connection as th
 (and did not serve it). Such a request (`replay_stale`) is sent once more over a fresh
 connection to the same backend, whose refused connect is again the proof the placement needs.
 
-Two ways to send: `request`, a coroutine (new sessions, streamed bodies, the bridge), and
-`submit`, which calls back with the answer and spares the command path a task wake-up.
+Two ways to send: `request`, a coroutine (streamed bodies, and what goes on in a coroutine:
+a new session's retry, a heavy bridge plan), and `submit`, which calls back with the answer and
+spares the usual command and new session a task wake-up.
 """
 
 from __future__ import annotations
