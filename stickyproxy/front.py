@@ -560,6 +560,10 @@ class Connection(asyncio.Protocol):
         # starts cancels it cleanly, without a coroutine left never awaited.
         self.task = task = asyncio.ensure_future(step, loop=self.loop)
         task.add_done_callback(partial(self._ran, request))
+        if self.transport is None or self.transport.is_closing():
+            # The client left before its answer was handed here: stopped as connection_lost
+            # would have stopped it (after its first step, so its clean-up runs).
+            self.loop.call_soon(task.cancel)
 
     def _ran(self, request: Request, task: asyncio.Task) -> None:
         if self.task is task:

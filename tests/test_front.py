@@ -307,6 +307,26 @@ async def test_a_callback_that_fails_gets_a_500_answer_and_ends_the_connection(c
     assert status == 500 and json.loads(body)["value"]["message"] == "failed"
 
 
+class Transport(asyncio.Transport):
+    """A transport with no socket: events are delivered to a Connection by the test itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
 async def test_a_coroutine_whose_client_left_before_it_started_still_cleans_up():
     """The client's connection is lost before the loop first runs the handler's task (as the
     loop may deliver both in one turn): the coroutine still runs to its first await, so its
@@ -320,23 +340,6 @@ async def test_a_coroutine_whose_client_left_before_it_started_still_cleans_up()
         finally:
             events.append("cleaned up")
 
-    class Transport(asyncio.Transport):
-        def __init__(self) -> None:
-            super().__init__()
-            self.closed = False
-
-        def get_extra_info(self, name, default=None):
-            return default
-
-        def is_closing(self) -> bool:
-            return self.closed
-
-        def write(self, data) -> None:
-            pass
-
-        def close(self) -> None:
-            self.closed = True
-
     server = Port(lambda request: handler(request), idle_timeout=5, max_header_size=1024,
                   max_body=64, on_bad_request=bad_request, on_too_many=too_many)
     conn = Connection(server)
@@ -347,5 +350,38 @@ async def test_a_coroutine_whose_client_left_before_it_started_still_cleans_up()
     transport.closed = True
     conn.connection_lost(None)
     assert conn.task is task and not task.done() and events == []
+    await eventually(lambda: task.done())
+    assert task.cancelled() and events == ["started", "cleaned up"]
+
+
+async def test_a_coroutine_handed_a_request_whose_client_already_left_is_cancelled():
+    """A callback hands its request on (Request.run) after the client left: a backend answer
+    that came late and long. connection_lost cancelled what ran then; this is cancelled too,
+    after its first step, so it stops and cleans up instead of serving nobody."""
+    events: list[str] = []
+    taken: list[Request] = []
+
+    async def step() -> None:
+        events.append("started")
+        try:
+            await asyncio.sleep(60)
+        finally:
+            events.append("cleaned up")
+
+    def handler(request: Request):
+        taken.append(request)
+        return LATER
+
+    server = Port(handler, idle_timeout=5, max_header_size=1024, max_body=64,
+                  on_bad_request=bad_request, on_too_many=too_many)
+    conn = Connection(server)
+    transport = Transport()
+    conn.connection_made(transport)
+    conn.data_received(get("/a"))
+    transport.closed = True
+    conn.connection_lost(None)
+    assert taken[0].gone
+    taken[0].run(step())
+    task = conn.task
     await eventually(lambda: task.done())
     assert task.cancelled() and events == ["started", "cleaned up"]
