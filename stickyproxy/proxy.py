@@ -398,10 +398,14 @@ def _new_session_now(request: Request, app: App) -> Awaitable[Reply] | object:
     if backend is None:  # to queue for a slot, or reserved on a backend just removed
         return _new_session(request, app, new, backend_id)
     request.timing.backend_id = backend_id
-    backend.upstream.submit("POST", request.target, _sent_headers(request, new),
-                            _sent_body(new, backend), app.timeout,
-                            partial(_new_session_answered, request, app, new, backend,
-                                    time.perf_counter()), replay_stale=True)
+    try:
+        backend.upstream.submit("POST", request.target, _sent_headers(request, new),
+                                _sent_body(new, backend), app.timeout,
+                                partial(_new_session_answered, request, app, new, backend,
+                                        time.perf_counter()), replay_stale=True)
+    except BaseException:
+        app.pool.release(backend_id)  # a bug of ours (front.py answers 500): not a lost slot too
+        raise
     return LATER
 
 
@@ -435,13 +439,17 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
         if exc is None and answer.length is not None and answer.length <= WHOLE:
             data = answer.ready_body()
         if data is None:
+            if request.gone:  # nobody to retry for, or to answer
+                _abandoned(request, app, backend, answer, exc)
+                _observe(request, 499)
+                return
             if exc is not None:
                 attempt = asyncio.get_running_loop().create_future()
                 attempt.set_exception(exc)
             else:
                 attempt = asyncio.ensure_future(_rest_of(request, answer))
-            request.run(_answer_when_done(request, _new_session(request, app, new, backend.id,
-                                                                attempt=attempt)))
+            request.run(_answer_when_done(request, _new_session(
+                request, app, new, backend.id, attempt=attempt, sent_to=backend)))
             return
         try:  # pinned before the reservation is released, so the slot is never handed twice
             if request.gone:  # the client left while the backend created its session
@@ -457,13 +465,10 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
             answer.release()
             app.pool.release(backend.id)
         if type(reply) is not Reply:  # a bridged session: its setup first, if it has any
-            status, parsed, sid, bridged = reply
-            setup = bridged.setup()
-            if setup is not None:
-                request.run(_answer_when_done(request, _bridge_setup(
-                    request, app, backend, status, parsed, sid, setup)))
+            reply = _bridged_new_session(request, app, backend, reply)
+            if type(reply) is not Reply:
+                request.run(_answer_when_done(request, reply))
                 return
-            reply = _json(status, parsed, backend)
         _answer(request, reply)
     except Exception:
         if answer is not None:
@@ -473,13 +478,35 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
     request.finish()
 
 
+def _abandoned(request: Request, app: App, backend: Backend, answer: Response | None,
+               exc: BaseException | None) -> None:
+    """A new session whose client left before its answer failed or came whole: no retry
+    elsewhere for nobody; a session the rest of the answer brings is orphaned (`_orphaned`)."""
+    if exc is not None:
+        backend.errors_total += 1
+        log.warning('SESSION_NOT_CREATED backend=%s reason="%s; its client had left"',
+                    backend.id, str(exc) or "no answer in time")
+        app.pool.release(backend.id)
+        return
+    owner = request.principal
+
+    def read(rest: asyncio.Future) -> None:
+        try:  # pinned before the reservation is released, as always
+            _orphaned(app, backend, rest, owner)
+        finally:
+            app.pool.release(backend.id)
+    asyncio.ensure_future(_rest_of(request, answer)).add_done_callback(read)
+
+
 async def _new_session(request: Request, app: App, new: NewSession | None = None,
                        backend_id: str | None | object = _ADMIT, tried: tuple[str, ...] = (),
-                       attempt: asyncio.Future | None = None) -> Reply:
+                       attempt: asyncio.Future | None = None,
+                       sent_to: Backend | None = None) -> Reply:
     """A new session the callback way could not finish: placed (queued for a slot when the
     pool is full), sent, retried elsewhere only when the backend never saw it, pinned. It
     starts from what `_new_session_now` did: the request read (`new`), a backend reserved
-    (`backend_id`), or an attempt on it already under way or failed (`attempt`)."""
+    (`backend_id`), or an attempt already under way or failed (`attempt`, sent to `sent_to`:
+    its answer counts even if that backend was removed since)."""
     pool, queue = app.pool, app.queue
     if new is None:
         try:
@@ -494,7 +521,8 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
     while True:
         if backend_id is None:
             backend_id = await _wait_for_slot(request, app, cookie, tried)
-        current, backend = backend_id, pool.backends.get(backend_id)
+        current = backend_id
+        backend = sent_to if attempt is not None else pool.backends.get(backend_id)
         request.timing.backend_id = backend_id
         try:
             if backend is None:  # removed while we waited
@@ -513,10 +541,11 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
             finally:
                 attempt = None  # (the next backend, if any, gets an attempt of its own)
             try:  # pinned before the reservation is released, so the slot is never handed twice
-                return await _pin_new_session(request, app, backend, answer, data, cookie,
-                                              new.payload if w3c_client else None)
+                pinned = _pin(request, app, backend, answer, data, cookie,
+                              new.payload if w3c_client else None)
             finally:
-                answer.release()
+                answer.release()  # before a bridged setup, which may need this connection
+            break
         except (NotConnected, UpstreamError, TimeoutError) as exc:
             why = str(exc) or "no answer in time"
             if backend is not None:
@@ -533,6 +562,11 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
                 "not retried elsewhere, so no second session is started") from None
         finally:
             pool.release(current)  # the reservation made by pick() or the queue
+    if type(pinned) is Reply:
+        return pinned
+    # Outside the attempt's loop: the session exists, whatever its setup meets.
+    reply = _bridged_new_session(request, app, backend, pinned)
+    return reply if type(reply) is Reply else await reply
 
 
 async def _wait_for_slot(request: Request, app: App, cookie: str | None,
@@ -602,36 +636,47 @@ def _orphan(app: App, backend: Backend, answer: Response, data: bytes, owner: st
         app.life.end(sid, EndReason.CLIENT_DELETE, "client left before the new session answer")
 
 
-async def _pin_new_session(request: Request, app: App, backend: Backend,
-                           answer: Response, data: bytes, cookie: str | None,
-                           w3c_payload: dict | None) -> Reply:
-    """Learn the session id from a backend's new-session answer and pin it. For a W3C client
-    (`w3c_payload` given) whose backend answered JSONWP, the session is bridged."""
-    pinned = _pin(request, app, backend, answer, data, cookie, w3c_payload)
-    if type(pinned) is Reply:
-        return pinned
-    status, parsed, sid, bridged = pinned
+def _bridged_new_session(request: Request, app: App, backend: Backend,
+                         pinned: tuple) -> Reply | Awaitable[Reply]:
+    """A bridged session just pinned (`_pin`'s tuple): its answer, or the coroutine that runs
+    its setup first."""
+    status, parsed, sid, public, bridged = pinned
     setup = bridged.setup()
-    if setup is not None:
-        return await _bridge_setup(request, app, backend, status, parsed, sid, setup)
-    return _json(status, parsed, backend)
+    if setup is None:
+        return _json(status, parsed, backend)
+    return _bridge_setup(request, app, backend, status, parsed, sid, public, setup)
 
 
 async def _bridge_setup(request: Request, app: App, backend: Backend, status: int, parsed,
-                        sid: str, setup: bridge.Step) -> Reply:
+                        sid: str, public: str, setup: bridge.Step) -> Reply:
     """A bridged session's first calls (the timeouts its client asked for in its capabilities),
-    then the new-session answer; `sid` is the backend's id."""
-    reply = await bridge.run(setup, _sender(request, app, backend, sid))
+    then the new-session answer; `sid` is the backend's id. The session is pinned already: if
+    its setup fails, or its client leaves meanwhile, it is ended (and deleted on the backend),
+    since no client will ever learn its id."""
+    try:
+        reply = await bridge.run(setup, _sender(request, app, backend, sid))
+    except (NotConnected, UpstreamError, TimeoutError) as exc:
+        why = str(exc) or "no answer in time"
+        backend.errors_total += 1
+        app.life.end(public, EndReason.SETUP_FAILED, why)
+        raise WebDriverError.session_not_created(
+            f"backend {backend.id} created the session but failed its setup ({why}); "
+            "the session was ended") from None
+    except asyncio.CancelledError:
+        app.life.end(public, EndReason.CLIENT_DELETE, "client left during the new session's setup")
+        raise
     if reply.status != 200:
+        app.life.end(public, EndReason.SETUP_FAILED, f"setup answered {reply.status}")
         return _json(reply.status, reply.body, backend)
     return _json(status, parsed, backend)
 
 
 def _pin(request: Request, app: App, backend: Backend, answer: Response, data: bytes,
          cookie: str | None, w3c_payload: dict | None):
-    """`_pin_new_session` without its coroutine part: the reply (always, for a JSON Wire
-    client), or for a bridged session (status, parsed answer, backend's id, bridge) to finish
-    with the bridge's setup."""
+    """Learn the session id from a backend's new-session answer and pin it: the reply (always,
+    for a JSON Wire client), or for a W3C client (`w3c_payload` given) whose backend answered
+    JSONWP, a bridged session as (status, parsed answer, backend's id, client's id, bridge),
+    for `_bridged_new_session` to finish."""
     headers = _answer_headers(answer, backend)
     try:
         parsed = json.loads(data)
@@ -676,7 +721,7 @@ def _pin(request: Request, app: App, backend: Backend, answer: Response, data: b
             parsed.get("status"), int) else "w3c"
         return Reply(answer.status, headers, data)
     backend.dialect = "jsonwp"
-    return status, parsed, sid, bridged
+    return status, parsed, sid, public, bridged
 
 
 def _json(status: int, body, backend: Backend) -> Reply:

@@ -26,6 +26,7 @@ class EndReason(str, Enum):
     RECYCLED = "recycled"
     SHUTDOWN = "shutdown"
     ADMIN = "admin"
+    SETUP_FAILED = "setup_failed"  # created, but what had to follow its creation failed
 
 
 def reason_for_loss(provider_reason: str) -> EndReason:

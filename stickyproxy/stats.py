@@ -39,6 +39,7 @@ def snapshot(pool: Pool, sessions: SessionTable, extra: Mapping[str, Mapping[str
             "capacity": pool.max_sessions or None,
             "dialect": b.dialect or None,
             "sessions_active": sessions.per_backend.get(b.id, 0),
+            "sessions_pending": b.pending,
             "sessions_peak": sessions.peak.get(b.id, 0),
             "sessions_total": b.sessions_total,
             "sessions_ended": dict(sessions.ended_by_backend.get(b.id, {})),

@@ -130,8 +130,9 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # httptools has no end-of-input call: a body with neither a length nor chunking ends
-        # here; any other answer still unfinished is cut short (connection_lost says so).
-        if self._head is not None and self._head.done() and not self._done and self._close_delimited():
+        # here; any other answer still unfinished is cut short (connection_lost says so). The
+        # head is here once its status is: `submit`'s answers have no _head future to ask.
+        if self.status and not self._done and self._close_delimited():
             self.keep_alive = False
             self._done = True
             self._wake()

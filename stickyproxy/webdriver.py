@@ -130,9 +130,12 @@ def with_chrome_args(payload: dict, args) -> dict:
     caps = payload.get("capabilities")
     if not isinstance(caps, dict):
         return payload
-    always = dict(caps.get("alwaysMatch") or {})
-    options = dict(always.get("goog:chromeOptions") or {})
-    given = list(options.get("args") or [])
+    always = caps.get("alwaysMatch") or {}
+    options = (always.get("goog:chromeOptions") or {}) if isinstance(always, dict) else None
+    given = (options.get("args") or []) if isinstance(options, dict) else None
+    if not isinstance(given, list):  # malformed: sent as it came, for chromedriver to refuse
+        return payload
+    always, options = dict(always), dict(options)
     names = {a.split("=", 1)[0] for a in given if isinstance(a, str)}
     options["args"] = given + [a for a in args if a.split("=", 1)[0] not in names]
     always["goog:chromeOptions"] = options

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.functional
 
 NEW = {"desiredCapabilities": {}}
 W3C_NEW = {"capabilities": {"alwaysMatch": {"browserName": "phantomjs"}}}
+# A W3C session with timeouts to set: the bridge's setup calls follow its creation.
+W3C_TIMEOUTS = {"capabilities": {"alwaysMatch": {"browserName": "phantomjs",
+                                                 "timeouts": {"implicit": 5000}}}}
 BIG = 2 << 20  # over upstream.WHOLE: an answer relayed as it streams, not awaited whole
 
 
@@ -177,15 +180,20 @@ class FakeBackend:
     It answers /status and new sessions like GhostDriver until `mode` says otherwise:
     "hang" (accept, never answer), "garbage" (not HTTP), "cut" (close mid-answer),
     "no_session_id" (a 200 new-session answer without an id), "not_json", "slow_new" (a new
-    session answered after a second), "chunked_new" (a new session answered chunked), "big" (a
-    command answered with a 2 MiB value). `seen` lists the requests it got (method, target),
-    `creating` the new sessions it began, `deleted` the DELETE targets.
+    session answered after a second), "chunked_new" (a new session answered chunked),
+    "slow_chunked_new" (both), "refuse_after_new" (chunked_new with Connection: close, then it refuses connections),
+    "close_delimited" (answers without a length, ended by closing the connection), "big" (a
+    command answered with a 2 MiB value). With `cut_commands`, the commands of a session other
+    than DELETE are cut off whatever the mode. `seen` lists the requests it got (method,
+    target), `creating` the new sessions it began, `deleted` the DELETE targets.
     """
 
     def __init__(self) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.mode = "ok"
+        self.cut_commands = False
+        self.prefix = b"fake"  # of its session ids: give two fakes behind one proxy their own
         self.sessions = 0
         self.seen: list[tuple[str, str]] = []
         self.creating = 0
@@ -224,6 +232,10 @@ class FakeBackend:
                 if not self._answer(conn, method.decode(), target.decode()):
                     return
 
+    def _created(self) -> bytes:
+        """The new-session answer of the session just counted in `sessions`."""
+        return b'{"sessionId": "%b-%d", "status": 0, "value": {}}' % (self.prefix, self.sessions)
+
     def _send(self, conn, status: int, body: bytes) -> None:
         conn.sendall(b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
                      % (status, len(body), body))
@@ -246,23 +258,38 @@ class FakeBackend:
             return False
         if method == "DELETE":
             self.deleted.append(target)
+        if mode == "close_delimited":
+            if method == "POST" and target == "/session":
+                self.creating += 1
+                self.sessions += 1
+                body = self._created()
+            else:
+                body = b'{"status": 0, "value": "hello"}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Connection: close\r\n\r\n" + body)
+            return False
+        if self.cut_commands and target.startswith("/session/") and method != "DELETE":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\": 0, \"va")
+            return False
         if method == "POST" and target == "/session":
             self.creating += 1
-            if mode == "slow_new":
+            if mode in ("slow_new", "slow_chunked_new"):
                 threading.Event().wait(1.0)
-            if mode == "chunked_new":
+            if mode == "refuse_after_new":
+                self.refuse()
+            if mode in ("chunked_new", "slow_chunked_new", "refuse_after_new"):
                 self.sessions += 1
-                body = b'{"sessionId": "fake-%d", "status": 0, "value": {}}' % self.sessions
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                body = self._created()
+                closing = mode == "refuse_after_new"  # (its connection cannot be reused either)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%b"
                              b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
-                             % (len(body), body))
-                return True
+                             % (b"Connection: close\r\n" if closing else b"", len(body), body))
+                return not closing
             if mode == "no_session_id":
                 self._send(conn, 200, b'{"status": 0, "value": {}}')
             else:
                 self.sessions += 1
-                self._send(conn, 200, b'{"sessionId": "fake-%d", "status": 0, "value": {}}'
-                           % self.sessions)
+                self._send(conn, 200, self._created())
             return True
         if mode == "not_json":
             self._send(conn, 200, b"<html>surprise</html>")
@@ -272,6 +299,16 @@ class FakeBackend:
             return True
         self._send(conn, 200, b'{"status": 0, "value": null}')
         return True
+
+    def refuse(self) -> None:
+        """From now on, connections are refused (shutdown wakes the thread blocked in accept;
+        a bare close would leave it listening until then)."""
+        self._stop = True
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.server.close()
 
     def close(self) -> None:
         self._stop = True
@@ -366,6 +403,95 @@ def test_a_new_session_answered_chunked_is_read_whole_and_pinned(stickyproxy, fa
     assert http_json(f"{proxy.url}/session/fake-1/url")[0] == 200
 
 
+def test_answers_that_end_with_their_connection_arrive_whole(stickyproxy, fake_backend):
+    """No length, no chunks: the answer ends when the backend closes (HTTP/1.0 style)."""
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
+    fake.mode = "close_delimited"
+    status, body, _ = http_json(proxy.url + "/session", "POST", NEW)
+    assert status == 200 and body["sessionId"] == "fake-1"
+    assert proxy.stats()["sessions_active"] == 1
+    status, body, _ = http_json(f"{proxy.url}/session/fake-1/title")
+    assert status == 200 and body["value"] == "hello"
+    assert not proxy.log("PROXY_ERROR|SESSION_NOT_CREATED", settle=0.05, timeout=0.5)
+
+
+@pytest.mark.parametrize("mode", ["ok", "chunked_new"], ids=["answer-whole", "answer-chunked"])
+def test_a_bridged_session_whose_setup_fails_is_ended_not_left_running(stickyproxy, fake_backend,
+                                                                         mode):
+    """Created on the backend, then its timeouts call is cut off: the client gets "session not
+    created", and the session is counted, logged and deleted, not left for the idle reaper."""
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
+    fake.mode, fake.cut_commands = mode, True
+    status, body, _ = http_json(proxy.url + "/session", "POST", W3C_TIMEOUTS)
+    assert status == 500 and body["value"]["error"] == "session not created"
+    assert "created the session but failed its setup" in body["value"]["message"]
+    wait_for(lambda: fake.deleted == ["/session/fake-1"], 10, what="the session deleted")
+    stats = proxy.stats()
+    assert stats["sessions_active"] == 0 and stats["sessions_ended"]["setup_failed"] == 1
+    assert proxy.log(r"SESSION_ENDED session=fake-1 backend=static-1 reason=setup_failed")
+
+
+def test_a_bridged_setup_refused_does_not_start_the_session_again_elsewhere(stickyproxy,
+                                                                             fake_backend):
+    """The backend created the session, then refuses connections: its setup fails to connect,
+    which says nothing of the session it has made, so no second one is started elsewhere."""
+    first, second = fake_backend(), fake_backend()
+    proxy = stickyproxy("--backend", first.url, "--backend", second.url, "--check-interval", "60s")
+    wait_up(proxy, 2)
+    first.mode = second.mode = "refuse_after_new"
+    status, body, _ = http_json(proxy.url + "/session", "POST", W3C_TIMEOUTS)
+    assert status == 500 and "failed its setup" in body["value"]["message"]
+    assert first.creating + second.creating == 1
+    assert proxy.stats()["sessions_ended"]["setup_failed"] == 1
+
+
+def test_a_bridged_setup_does_not_wait_for_the_connection_its_own_answer_holds(stickyproxy,
+                                                                                fake_backend):
+    """One connection to the backend (--backend-connections 2 keeps one for checks): the new
+    session's answer, read on by the coroutine, must give it back before the setup's call."""
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s",
+                        "--backend-connections", "2")
+    wait_up(proxy, 1)
+    fake.mode = "chunked_new"
+    status, body, _ = http_json(proxy.url + "/session", "POST", W3C_TIMEOUTS, timeout=10)
+    assert status == 200 and body["value"]["sessionId"] == "fake-1"
+    assert ("POST", "/session/fake-1/timeouts") in fake.seen
+
+
+def test_a_client_that_left_gets_no_session_started_elsewhere_for_it(stickyproxy, fake_backend):
+    """Its new session waits for the backend's one connection, the client leaves, then that
+    backend refuses: a retry elsewhere is allowed by the rule, but nobody would quit it."""
+    first, second = fake_backend(), fake_backend()
+    second.prefix = b"second"
+    proxy = stickyproxy("--backend", first.url, "--backend", second.url, "--check-interval", "60s",
+                        "--backend-connections", "2", "--backend-timeout", "2s")
+    wait_up(proxy, 2)
+    sid = None
+    for _ in range(6):  # a session on the first backend, two on the second (it is fuller)
+        status, body, headers = http_json(proxy.url + "/session", "POST", NEW)
+        if headers["X-Stickyproxy-Backend"] == "static-1" and sid is None:
+            sid = body["sessionId"]
+        elif headers["X-Stickyproxy-Backend"] == "static-1":
+            http_json(f"{proxy.url}/session/{body['sessionId']}", "DELETE")
+        if sid and second.sessions == 2:
+            break
+    assert sid and second.sessions == 2
+    first.mode = "hang"  # a command holds the first backend's one connection for 2 s
+    threading.Thread(target=http_json, args=(f"{proxy.url}/session/{sid}/url",),
+                     kwargs={"timeout": 10}, daemon=True).start()
+    wait_for(lambda: first.hung, 10, what="the first backend's connection held")
+    pending = lambda: [b["sessions_pending"] for b in proxy.stats()["backends"]]  # noqa: E731
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(request("POST", "/session", json.dumps(NEW).encode()))
+        wait_for(lambda: pending() == [1, 0], 10, what="the new session placed on the first")
+    first.refuse()  # the client has left; its backend now refuses connections
+    wait_for(lambda: proxy.log(r'SESSION_NOT_CREATED backend=static-1 reason="connection refused; '
+                               r'its client had left"'), 10, what="the attempt's failure logged")
+    assert second.creating == 2 and pending() == [0, 0]
+    assert not proxy.log("SESSION_RETRY", settle=0.05, timeout=0.5)
+
+
 @pytest.mark.parametrize("mode", ["cut", "garbage"])
 def test_a_new_session_its_backend_may_have_seen_is_not_retried_elsewhere(stickyproxy,
                                                                           fake_backend, mode):
@@ -400,17 +526,20 @@ def test_a_new_session_answer_without_an_id_pins_nothing(stickyproxy, fake_backe
     assert proxy.stats()["sessions_active"] == 0
 
 
-@pytest.mark.parametrize("payload, late_body", [
-    (NEW, False),  # sent on and answered from a callback
-    (W3C_NEW, False),  # the same, bridged
+@pytest.mark.parametrize("payload, late_body, mode", [
+    (NEW, False, "slow_new"),  # sent on and answered from a callback
+    (W3C_NEW, False, "slow_new"),  # the same, bridged
     # A chunked body whose end comes later: read, sent and awaited by the coroutine, shielded
     # (the gap only makes that path likely; the outcome must be the same on either).
-    (NEW, True),
-], ids=["jsonwp", "w3c", "body-still-arriving"])
+    (NEW, True, "slow_new"),
+    # The answer is not all there when the callback gets it: read on for nobody, orphaned.
+    (NEW, False, "slow_chunked_new"),
+    (W3C_NEW, False, "slow_chunked_new"),
+], ids=["jsonwp", "w3c", "body-still-arriving", "answer-chunked", "w3c-answer-chunked"])
 def test_a_client_that_leaves_while_its_session_is_created_leaves_none_running(
-        stickyproxy, fake_backend, payload, late_body):
+        stickyproxy, fake_backend, payload, late_body, mode):
     fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
-    fake.mode = "slow_new"
+    fake.mode = mode
     body = json.dumps(payload).encode()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         if late_body:

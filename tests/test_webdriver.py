@@ -57,6 +57,16 @@ def test_errors_render_as_w3c_and_never_above_500():
         assert 400 <= err.status <= 500  # Selenium 3 reads >500 as success
 
 
+@pytest.mark.parametrize("always", [
+    "not an object", {"goog:chromeOptions": "x"}, {"goog:chromeOptions": {"args": 5}},
+    {"goog:chromeOptions": {"args": "--headless"}}])
+def test_malformed_chrome_options_are_sent_as_they_came_for_chromedriver_to_refuse(always):
+    from stickyproxy.webdriver import with_chrome_args
+
+    payload = {"capabilities": {"alwaysMatch": always}}
+    assert with_chrome_args(payload, ("--no-sandbox",)) is payload
+
+
 def test_chrome_args_are_added_where_the_client_gave_none():
     from stickyproxy.webdriver import with_chrome_args
     payload = {"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"args": ["--headless=old"]}},
