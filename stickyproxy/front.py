@@ -57,10 +57,15 @@ class BodyTooLarge(Exception):
     """A body without a declared length grew past the limit while it arrived."""
 
 
+class ClientGone(ConnectionResetError):
+    """The client closed its connection before its request's body had all arrived."""
+
+
 class Body:
     """A request body as it arrives from the connection."""
 
-    __slots__ = ("_parts", "_size", "_buffered", "done", "_waiter", "_error", "_conn", "_limit")
+    __slots__ = ("_parts", "_size", "_buffered", "done", "_waiter", "_error", "_conn", "_limit",
+                 "_whole")
 
     def __init__(self, conn: "Connection", limit: int) -> None:
         self._parts: list[bytes] = []
@@ -69,6 +74,7 @@ class Body:
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._conn, self._limit = conn, limit
+        self._whole = False  # read() wants it all: --max-body bounds it, not pausing
 
     def feed(self, data: bytes) -> None:
         self._size += len(data)
@@ -78,7 +84,7 @@ class Body:
         elif self._error is None:
             self._parts.append(data)
             self._buffered += len(data)
-            if self._buffered > _HIGH_WATER:
+            if self._buffered > _HIGH_WATER and not self._whole:
                 self._conn.pause_reading()
         self._wake()
 
@@ -96,10 +102,16 @@ class Body:
             self._waiter.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiter = self._conn.loop.create_future()  # (get_running_loop: a getpid on 3.11)
+        conn = self._conn
+        self._waiter = conn.loop.create_future()  # (get_running_loop: a getpid on 3.11)
+        # A client that stops sending mid-body would hold its handler (and whatever that
+        # holds) for good: the idle timer skips a busy connection.
+        stalled = conn.loop.call_later(conn.port.idle_timeout, self.fail, BadRequest(
+            f"the request body stalled: nothing for {conn.port.idle_timeout:g} s"))
         try:
             await self._waiter
         finally:
+            stalled.cancel()
             self._waiter = None
 
     def whole(self) -> bytes | None:
@@ -112,8 +124,9 @@ class Body:
         return data
 
     async def read(self) -> bytes:
-        """The whole body (raises BodyTooLarge past the limit, ConnectionError if the client
-        left before sending it all)."""
+        """The whole body (raises BodyTooLarge past the limit, ClientGone if the client left
+        before sending it all, BadRequest if it broke off or stalled)."""
+        self._whole = True
         self._conn.resume_reading()
         while not self.done and self._error is None:
             await self._wait()
@@ -334,7 +347,7 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self._idle is not None:
             self._idle.cancel()
-        gone = ConnectionResetError("the client closed the connection")
+        gone = ClientGone("the client closed the connection")
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.fail(gone)
         for request in self.waiting:
@@ -504,6 +517,9 @@ class Connection(asyncio.Protocol):
 
     def _bad(self, why: str) -> None:
         self.broken = why
+        if self._parsing is not None and self._parsing.body is not None:
+            # Its handler may be reading it already: it ends there too (answered, then closed).
+            self._parsing.body.fail(BadRequest(why))
         if not self.busy and not self.waiting:
             self._answer_bad()
 

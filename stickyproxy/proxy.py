@@ -18,7 +18,7 @@ from typing import AsyncIterator, Awaitable
 
 from . import bridge, routes, webdriver
 from .backends import Backend, Pool
-from .front import LATER, BodyTooLarge, Header, Port, Request
+from .front import LATER, BadRequest, BodyTooLarge, ClientGone, Header, Port, Request
 from .guard import Guard
 from .lifecycle import Lifecycle, fmt
 from .metrics import Metrics, Timing
@@ -34,7 +34,6 @@ access_log = logging.getLogger("stickyproxy.access")
 
 BACKEND_HEADER = "X-Stickyproxy-Backend"
 _BACKEND_HEADER = BACKEND_HEADER.encode()
-_BUFFER_LIMIT = 1 << 20  # bodies up to this are forwarded whole; larger ones stream
 _JSON_TYPE = (b"Content-Type", b"application/json; charset=utf-8")
 _JSON_LINE = b"Content-Type: application/json; charset=utf-8\r\n"
 
@@ -112,6 +111,13 @@ async def _answer_when_done(request: Request, step: Awaitable[Reply]) -> None:
         reply = await step
     except WebDriverError as err:
         reply = error_response(err)
+    except ClientGone:  # it left mid-body: nothing to answer, and no bug of ours
+        _observe(request, 499)
+        return
+    except BadRequest as exc:  # its body broke off or stalled: answered, then the connection ends
+        reply = error_response(request.app.guard.refuse(
+            "bad_request", WebDriverError.invalid_argument(f"bad HTTP request: {exc}"),
+            request.remote))
     except asyncio.CancelledError:
         _observe(request, 499)  # the client left before its answer (nginx's "client closed request")
         raise
@@ -159,23 +165,15 @@ def _status(pool: Pool) -> Reply:
                  .encode())
 
 
-async def _body(request: Request, guard: Guard
-                ) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
-    """The request body whole when small or absent, else a stream (with its length if known)."""
-    length = request.content_length
+async def _body(request: Request, guard: Guard) -> bytes | None:
+    """The request body, whole (--max-body bounds it), before a backend connection is taken:
+    a client that uploads slowly holds none, a chunked upload goes on with a length
+    (GhostDriver answers a chunked body 404), and a session id in it is one replace away."""
     if not request.body_exists:
-        return None, 0
-    if length is not None and length <= _BUFFER_LIMIT:
-        return await request.read(), length
-    return _limited(request, guard), length
-
-
-async def _limited(request: Request, guard: Guard) -> AsyncIterator[bytes]:
-    """A streamed body, cut off at --max-body (a chunked upload declares no length up front)."""
+        return None
     try:
-        async for chunk in request.chunks():
-            yield chunk
-    except BodyTooLarge:
+        return await request.read()
+    except BodyTooLarge:  # (a declared length over the limit was refused before)
         raise guard.refuse("body_too_large", guard.too_large(None), request.remote) from None
 
 
@@ -186,8 +184,8 @@ def _session_command(request: Request, app: App, sid: str, kind: Kind,
     if session is not None and session.owner != request.principal:
         # Someone else's: indistinguishable from no session at all.
         raise WebDriverError.invalid_session(sid, "no such session on this proxy")
-    if session is None and app.key:
-        session = _learn(request, app, sid)
+    if session is None and app.key and sessions.why_ended(sid) is None:
+        session = _learn(request, app, sid)  # (never a session of ours that has ended)
     if session is None:
         ended = sessions.why_ended(sid)
         if ended is None:
@@ -259,17 +257,17 @@ async def _forward(request: Request, app: App, session: Session, backend: Backen
                    kind: Kind) -> Reply:
     """A command with a body to stream, or whose session id the backend knows by another."""
     timing = request.timing
-    body, length = (None, 0) if request.body is None else await _body(request, app.guard)
+    body = None if request.body is None else await _body(request, app.guard)
     target = request.target
     rewritten = session.backend_sid != sid
     if rewritten:  # the backend knows its session by its own id, in paths and bodies
         target = target.replace(sid, session.backend_sid, 1)
-        body, length = _rewrite(body, length, sid.encode(), session.backend_sid.encode())
+        if body:
+            body = body.replace(sid.encode(), session.backend_sid.encode())
     began = time.perf_counter()
     try:
         answer = await backend.upstream.request(
-            request.method, target, request.forward, body,
-            length=length, timeout=app.timeout)
+            request.method, target, request.forward, body, timeout=app.timeout)
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         timing.backend += time.perf_counter() - began
         raise _command_failed(app, sid, kind, backend, exc) from None
@@ -294,15 +292,6 @@ def _learn(request: Request, app: App, public: str) -> Session | None:
                       bridge=bridge.BridgeSession() if parsed.bridged else None)
     app.sessions.pin(session)
     return session
-
-
-def _rewrite(body, length: int | None, old: bytes, new: bytes):
-    if body is None:
-        return None, 0
-    if isinstance(body, (bytes, bytearray)):
-        body = bytes(body).replace(old, new)
-        return body, len(body)
-    return _rewrite_stream(body, routes.Rewriter(old, new)), None  # length changes: chunked
 
 
 async def _rewrite_stream(chunks: AsyncIterator[bytes], rewriter) -> AsyncIterator[bytes]:
@@ -853,7 +842,7 @@ class _BridgeRun:
 async def _bridged_command(request: Request, app: App, session: Session, backend: Backend,
                            rest: str, kind: Kind) -> Reply:
     """A W3C command of a session on a JSONWP backend whose body is still arriving."""
-    step = _bridge_plan(request, session, rest, await request.read())
+    step = _bridge_plan(request, session, rest, await _body(request, app.guard) or b"")
     return await _bridged_run(request, app, session, backend, kind, step)
 
 

@@ -233,11 +233,13 @@ class _Connection(asyncio.Protocol):
         self._head = self._loop.create_future()
         self.transport.write(head)
         async for chunk in body:
+            if self.lost or self.transport.is_closing():  # (a closed transport raises RuntimeError)
+                raise UpstreamError("backend closed the connection while the body was sent")
             if chunk:
                 # chunked transfer only when the client gave no length either
                 self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if self.lost:
-                raise UpstreamError("backend closed the connection while the body was sent")
+        if self.lost or self.transport.is_closing():
+            raise UpstreamError("backend closed the connection while the body was sent")
         if chunked:
             self.transport.write(b"0\r\n\r\n")
 

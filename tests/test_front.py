@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import eventually
-from stickyproxy.front import LATER, BodyTooLarge, Connection, Port, Request
+from stickyproxy.front import LATER, BadRequest, BodyTooLarge, Connection, Port, Request
 
 JSON = (b"Content-Type", b"application/json")
 
@@ -385,3 +385,59 @@ async def test_a_coroutine_handed_a_request_whose_client_already_left_is_cancell
     task = conn.task
     await eventually(lambda: task.done())
     assert task.cancelled() and events == ["started", "cleaned up"]
+
+
+# --- bodies and clients that misbehave --------------------------------------------------------
+
+async def _big_port(handler, idle_timeout: float = 5):
+    server = Port(handler, idle_timeout=idle_timeout, max_header_size=8192, max_body=64 << 20,
+                  on_bad_request=bad_request, on_too_many=too_many)
+    host, server.number = await server.start("127.0.0.1", 0)
+    return server
+
+
+async def _answered_body_or_error(request: Request) -> None:
+    try:
+        body = await request.read()
+    except BadRequest as exc:
+        request.send(400, [JSON], json.dumps({"bad": str(exc)}).encode(), close=True)
+        return
+    request.send(200, [JSON], json.dumps({"got": len(body)}).encode())
+
+
+async def test_a_body_over_a_megabyte_read_whole_arrives():
+    """read() wants it all: reading is not paused at the megabyte that chunks() stops at (a
+    new session with a browser profile in its capabilities)."""
+    server = await _big_port(_answered_body_or_error)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.number)
+    size = 3 << 20
+    writer.write(b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+                 + b"x" * size)
+    try:
+        status, _, body = await asyncio.wait_for(read_answer(reader), 10)
+        assert status == 200 and json.loads(body) == {"got": size}
+    finally:
+        writer.close()
+        await server.close(grace=0.5)
+
+
+@pytest.mark.parametrize("rest, why", [
+    (b"zz-not-a-chunk-size\r\n\r\n", "chunk size"),  # the chunks turn into garbage
+    (None, "stalled"),  # the client stops sending
+])
+async def test_a_body_that_breaks_off_mid_stream_is_answered_and_ends_the_connection(rest, why):
+    server = await _big_port(_answered_body_or_error, idle_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.number)
+    writer.write(b"POST /session/abc/url HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                 b"\r\n\r\n5\r\nhello\r\n")
+    try:
+        await eventually(lambda: any(c.busy for c in server.connections))  # its handler reads
+        if rest is not None:
+            writer.write(rest)
+        status, headers, body = await asyncio.wait_for(read_answer(reader), 5)
+        assert status == 400 and why in body.decode() and headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+        await server.close(grace=0.5)
+

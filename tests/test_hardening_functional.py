@@ -184,7 +184,8 @@ class FakeBackend:
     "slow_chunked_new" (both), "refuse_after_new" (chunked_new with Connection: close, then it refuses connections),
     "close_delimited" (answers without a length, ended by closing the connection), "big" (a
     command answered with a 2 MiB value). With `cut_commands`, the commands of a session other
-    than DELETE are cut off whatever the mode. `seen` lists the requests it got (method,
+    than DELETE are cut off whatever the mode; with `cut_deletes`, the DELETEs' answers are.
+    `seen` lists the requests it got (method,
     target), `creating` the new sessions it began, `deleted` the DELETE targets.
     """
 
@@ -193,6 +194,7 @@ class FakeBackend:
         self.port = self.server.getsockname()[1]
         self.mode = "ok"
         self.cut_commands = False
+        self.cut_deletes = False
         self.prefix = b"fake"  # of its session ids: give two fakes behind one proxy their own
         self.sessions = 0
         self.seen: list[tuple[str, str]] = []
@@ -258,6 +260,9 @@ class FakeBackend:
             return False
         if method == "DELETE":
             self.deleted.append(target)
+            if self.cut_deletes:  # its head, then a chunk cut short
+                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n40\r\n{")
+                return False
         if mode == "close_delimited":
             if method == "POST" and target == "/session":
                 self.creating += 1
@@ -490,6 +495,68 @@ def test_a_client_that_left_gets_no_session_started_elsewhere_for_it(stickyproxy
                                r'its client had left"'), 10, what="the attempt's failure logged")
     assert second.creating == 2 and pending() == [0, 0]
     assert not proxy.log("SESSION_RETRY", settle=0.05, timeout=0.5)
+
+
+def test_a_delete_of_ours_answered_broken_gives_its_connection_back(stickyproxy, fake_backend):
+    """The idle reaper's DELETE gets a head, then a cut answer: the connection's slot is
+    released (one connection: a leak would stall every command after it)."""
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s",
+                        "--backend-connections", "2", "--session-idle-timeout", "1s")
+    wait_up(proxy, 1)
+    http_json(proxy.url + "/session", "POST", NEW)
+    fake.cut_deletes = True
+    wait_for(lambda: fake.deleted == ["/session/fake-1"], 10, what="the idle session deleted")
+    wait_for(lambda: proxy.log("SESSION_DELETE_FAILED session=fake-1"), 10, what="its failure")
+    assert proxy.backend("static-1")["connections"]["in_use"] == 0
+    fake.cut_deletes = False
+    sid = http_json(proxy.url + "/session", "POST", NEW, timeout=5)[1]["sessionId"]
+    assert http_json(f"{proxy.url}/session/{sid}/url", timeout=5)[0] == 200
+
+
+def test_a_new_session_with_a_body_over_a_megabyte_is_answered(stickyproxy, fake_backend):
+    """A browser profile in the capabilities is megabytes of base64."""
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
+    payload = {"desiredCapabilities": {"firefox_profile": "x" * (2 << 20)}}
+    status, body, _ = http_json(proxy.url + "/session", "POST", payload, timeout=10)
+    assert status == 200 and body["sessionId"] == "fake-1"
+
+
+def test_a_client_that_leaves_mid_body_is_counted_not_logged_as_a_bug(stickyproxy,
+                                                                       fake_backend):
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s", "--access-log")
+    wait_up(proxy, 1)
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n"
+                     + b"{" + b" " * 100000)  # (over 64 KiB: its handler starts reading it)
+    wait_for(lambda: proxy.log(r"ACCESS .*method=POST path=/session status=499"), 10,
+             what="the request counted as its client gone")
+    assert not proxy.log("HANDLER_FAILED", settle=0.05, timeout=0.5)
+    assert ("POST", "/session") not in fake.seen
+
+
+def test_an_upload_that_stalls_holds_no_backend_connection(stickyproxy, fake_backend):
+    """Bodies are read whole before a backend connection is taken: other sessions' commands on
+    the same backend (one connection here) go on, and the stalled one ends after
+    --client-idle-timeout."""
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s",
+                        "--backend-connections", "2", "--client-idle-timeout", "2s")
+    wait_up(proxy, 1)
+    one = http_json(proxy.url + "/session", "POST", NEW)[1]["sessionId"]
+    two = http_json(proxy.url + "/session", "POST", NEW)[1]["sessionId"]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as stalled:
+        size = 3 << 20
+        stalled.sendall(b"POST /session/%b/url HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                        % (one.encode(), size) + b"x" * (size // 2))
+        for _ in range(3):
+            assert http_json(f"{proxy.url}/session/{two}/url", timeout=5)[0] == 200
+        answer = b""
+        while chunk := stalled.recv(65536):  # its answer, then the end of the connection
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"stalled" in answer
+    assert ("POST", f"/session/{one}/url") not in fake.seen
 
 
 @pytest.mark.parametrize("mode", ["cut", "garbage"])

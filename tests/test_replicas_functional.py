@@ -140,3 +140,23 @@ def test_forged_and_foreign_ids_are_refused(stickyproxy, shared_phantoms):
     assert status == 404
     assert http_json(f"{proxy.url}/session/{public}", "DELETE")[0] == 200
     assert backend_sid not in shared_phantoms[0].sessions()
+    # An ended session's signed id is not learned again (pinned, counted and reaped twice).
+    status, body, _ = http_json(f"{proxy.url}/session/{public}/url")
+    assert status == 404 and "ended on backend static-1: client_delete" in body["value"]["message"]
+    assert proxy.stats()["sessions_active"] == 0
+
+
+def test_a_body_over_a_megabyte_reaches_phantomjs_with_the_session_id_rewritten(stickyproxy,
+                                                                                shared_phantoms):
+    """With a key, the client's id is turned into the backend's in bodies too: read whole and
+    sent with its new length (GhostDriver answers a chunked request body 404)."""
+    proxy = stickyproxy("--backend", shared_phantoms[0].url, "--session-key", KEY,
+                        "--check-interval", "1s")
+    wait_up(proxy, 1)
+    public = http_json(proxy.url + "/session", "POST", {"desiredCapabilities": {}})[1]["sessionId"]
+    big = "x" * (3 << 20) + public  # (its id inside is rewritten, the length changes)
+    status, body, _ = http_json(f"{proxy.url}/session/{public}/execute", "POST",
+                                {"script": "return arguments[0].length;", "args": [big]},
+                                timeout=60)
+    assert status == 200 and body["value"] == (3 << 20) + len(public) - 33
+    assert http_json(f"{proxy.url}/session/{public}", "DELETE")[0] == 200
