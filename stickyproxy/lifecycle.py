@@ -101,11 +101,15 @@ class Lifecycle:
         return True
 
     async def _delete(self, backend, sid: str) -> None:
+        timeout = self.settings.check_timeout
         try:
             answer = await backend.upstream.request("DELETE", f"/session/{sid}", (), None,
-                                                    timeout=self.settings.check_timeout)
-            await answer.read()
-            answer.release()
+                                                    timeout=timeout)
+            try:  # (a long or broken answer must not keep the connection's slot, nor hang)
+                async with asyncio.timeout(timeout):
+                    await answer.read()
+            finally:
+                answer.release()
             log.info("SESSION_DELETED session=%s backend=%s status=%d", sid, backend.id, answer.status)
         except (OSError, TimeoutError) as exc:
             log.warning('SESSION_DELETE_FAILED session=%s backend=%s reason="%s"', sid, backend.id,
