@@ -391,6 +391,8 @@ class Connection(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None
+        if not self.busy and self.waiting and not self._starting:
+            self._serve()  # stopped while the client was not reading its answers
 
     async def drain(self) -> None:
         if self._drain is not None:
@@ -535,7 +537,10 @@ class Connection(asyncio.Protocol):
         one start here (a loop, not a recursion through `finished`)."""
         self._starting = True
         try:
-            while self.waiting and not self.busy and not self.transport.is_closing():
+            # Not while the client reads none of its answers (writing paused): pipelined requests
+            # answered at once would pile up in the write buffer; reading pauses behind them.
+            while (self.waiting and not self.busy and self._drain is None
+                   and not self.transport.is_closing()):
                 request = self.waiting.popleft()
                 if self.paused:
                     self.resume_reading()

@@ -441,3 +441,27 @@ async def test_a_body_that_breaks_off_mid_stream_is_answered_and_ends_the_connec
         writer.close()
         await server.close(grace=0.5)
 
+
+async def test_a_client_that_pipelines_and_reads_no_answer_is_not_buffered_without_end():
+    """Answers given at once, to requests pipelined by a client that reads none: serving stops
+    while writing is paused, and reading stops behind the requests waiting."""
+    def handler(request: Request):
+        request.send(200, [JSON], b"x" * 1000)  # at once, as /status or an unknown session
+
+    server = await _big_port(handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.number)
+    try:
+        for _ in range(40):  # 40,000 requests, 1.3 MB, never read: 40 MB of answers
+            writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        (conn,) = server.connections
+        assert conn.transport.get_write_buffer_size() < 1 << 20
+        answered = 0
+        while answered < 40_000:  # the client reads at last: every answer comes, in order
+            status, _, _ = await asyncio.wait_for(read_answer(reader), 10)
+            assert status == 200
+            answered += 1
+    finally:
+        writer.transport.abort()
+        await server.close(grace=0.5)
