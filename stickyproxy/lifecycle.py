@@ -26,7 +26,7 @@ def expiry(session: Session, now: float, idle_timeout: float,
     """Why `session` must end now, or None. 0 turns a limit off."""
     if max_age and now - session.created >= max_age:
         return EndReason.MAX_AGE, f"older than {fmt(max_age)}"
-    if idle_timeout and now - session.last_used >= idle_timeout:
+    if idle_timeout and not session.busy and now - session.last_used >= idle_timeout:
         return EndReason.IDLE, f"no command for {fmt(idle_timeout)}"
     return None
 

@@ -248,7 +248,7 @@ class Timing:
     its backend and in the queue (so the rest is stickyproxy's own overhead), and what the
     access log names (session, backend)."""
 
-    __slots__ = ("started", "kind", "backend", "queued", "session", "backend_id")
+    __slots__ = ("started", "kind", "backend", "queued", "session", "backend_id", "busy")
 
     def __init__(self, started: float) -> None:
         self.started = started
@@ -257,6 +257,7 @@ class Timing:
         self.queued = 0.0  # seconds waiting in the new-session queue
         self.session = ""
         self.backend_id = ""
+        self.busy = None  # the Session whose command this is, until it is answered
 
     async def on_backend(self, awaitable):
         """Await something the backend answers, counting the wait as the backend's time."""

@@ -81,6 +81,9 @@ def handle(request: Request):
         step = _route(request, app, timing)
     except WebDriverError as err:
         step = error_response(err)
+    except Exception:
+        _observe(request, 500)  # a bug of ours: front.py answers 500
+        raise
     if step is LATER:
         return LATER
     if type(step) is Reply:
@@ -97,7 +100,13 @@ def _answer(request: Request, reply: Reply) -> None:
 
 
 def _observe(request: Request, status: int) -> None:
+    """The end of a request, once whatever way it ends: counted, and its session no longer busy."""
     app, timing = request.app, request.timing
+    session = timing.busy
+    if session is not None:
+        timing.busy = None
+        session.busy -= 1
+        session.last_used = time.monotonic()  # idle from its last answer
     elapsed = time.perf_counter() - timing.started
     app.metrics.observe(timing, elapsed)
     if app.access_log:
@@ -201,6 +210,8 @@ def _session_command(request: Request, app: App, sid: str, kind: Kind,
         raise WebDriverError.backend_unavailable(sid, session.backend_id, f"down: {why}")
     session.last_used = time.monotonic()
     session.requests += 1
+    session.busy += 1  # until _observe: the idle reaper leaves it alone meanwhile
+    timing.busy = session
     if session.bridge is not None:
         return _bridged_command_now(request, app, session, backend, rest, kind)
     backend.requests_total += 1
@@ -237,6 +248,7 @@ def _command_answered(request: Request, app: App, sid: str, kind: Kind, backend:
     except Exception:
         if answer is not None:
             answer.release()  # (once: a released answer ignores it)
+        _observe(request, 500)
         request.crashed()
         return
     request.finish()
@@ -462,6 +474,7 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
     except Exception:
         if answer is not None:
             answer.release()  # (once: a released answer ignores it)
+        _observe(request, 500)
         request.crashed()
         return
     request.finish()
@@ -834,6 +847,7 @@ class _BridgeRun:
         except Exception:
             if answer is not None:
                 answer.release()  # (once: a released answer ignores it)
+            _observe(request, 500)
             request.crashed()
             return
         request.finish()

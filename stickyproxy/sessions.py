@@ -53,6 +53,7 @@ class Session:
     owner: str = ""  # auth principal that created it; only the same may use it
     backend_sid: str = ""  # the backend's own id, when the client sees a signed one (routes.py)
     learned: bool = False  # created through another replica, routed here by its signed id
+    busy: int = 0  # its commands in flight: it is not idle while one runs
 
     def __post_init__(self) -> None:
         if not self.backend_sid:

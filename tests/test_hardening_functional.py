@@ -184,7 +184,8 @@ class FakeBackend:
     "slow_chunked_new" (both), "refuse_after_new" (chunked_new with Connection: close, then it refuses connections),
     "close_delimited" (answers without a length, ended by closing the connection), "big" (a
     command answered with a 2 MiB value). With `cut_commands`, the commands of a session other
-    than DELETE are cut off whatever the mode; with `cut_deletes`, the DELETEs' answers are.
+    than DELETE are cut off whatever the mode; with `cut_deletes`, the DELETEs' answers are;
+    `command_delay` holds those commands' answers that many seconds.
     `seen` lists the requests it got (method,
     target), `creating` the new sessions it began, `deleted` the DELETE targets.
     """
@@ -195,6 +196,7 @@ class FakeBackend:
         self.mode = "ok"
         self.cut_commands = False
         self.cut_deletes = False
+        self.command_delay = 0.0  # seconds each command of a session waits before its answer
         self.prefix = b"fake"  # of its session ids: give two fakes behind one proxy their own
         self.sessions = 0
         self.seen: list[tuple[str, str]] = []
@@ -273,6 +275,8 @@ class FakeBackend:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          b"Connection: close\r\n\r\n" + body)
             return False
+        if self.command_delay and target.startswith("/session/") and method != "DELETE":
+            threading.Event().wait(self.command_delay)  # a slow page load, a long script
         if self.cut_commands and target.startswith("/session/") and method != "DELETE":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\": 0, \"va")
             return False
@@ -512,6 +516,24 @@ def test_a_delete_of_ours_answered_broken_gives_its_connection_back(stickyproxy,
     fake.cut_deletes = False
     sid = http_json(proxy.url + "/session", "POST", NEW, timeout=5)[1]["sessionId"]
     assert http_json(f"{proxy.url}/session/{sid}/url", timeout=5)[0] == 200
+
+
+@pytest.mark.parametrize("payload", [NEW, W3C_NEW], ids=["jsonwp", "w3c-bridged"])
+def test_a_session_is_not_reaped_as_idle_while_its_command_runs(stickyproxy, fake_backend,
+                                                                payload):
+    """A command running longer than --session-idle-timeout: its session is idle only from its
+    answer on (the reaper used to delete it under the running command)."""
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s",
+                        "--session-idle-timeout", "1s", "--backend-timeout", "10s")
+    wait_up(proxy, 1)
+    status, body, _ = http_json(proxy.url + "/session", "POST", payload)
+    sid = body["sessionId"] if payload is NEW else body["value"]["sessionId"]
+    fake.command_delay = 2.5
+    status, body, _ = http_json(f"{proxy.url}/session/{sid}/url", timeout=10)
+    assert status == 200 and fake.deleted == []
+    wait_for(lambda: fake.deleted == [f"/session/{sid}"], 10, what="reaped once idle")
+    assert proxy.stats()["sessions_ended"]["idle"] == 1
 
 
 def test_a_new_session_with_a_body_over_a_megabyte_is_answered(stickyproxy, fake_backend):

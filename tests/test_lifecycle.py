@@ -25,8 +25,17 @@ def test_expiry_says_how_long():
     assert expiry(session(), 300, 300, 0) == (EndReason.IDLE, "no command for 5m")
 
 
-def test_a_busy_session_is_not_idle():
+def test_a_recently_used_session_is_not_idle():
     assert expiry(session(created=0, last_used=250), 300, 60 * 10, 0) is None
+
+
+def test_a_session_with_a_command_in_flight_is_not_idle_but_still_ages():
+    running = session(created=0, last_used=0)
+    running.busy = 1  # a command started at 0 and still running (a slow page load)
+    assert expiry(running, 1000, 300, 0) is None
+    assert expiry(running, 1000, 300, 900)[0] is EndReason.MAX_AGE
+    running.busy = 0
+    assert expiry(running, 1000, 300, 0)[0] is EndReason.IDLE
 
 
 @pytest.mark.parametrize("wear, args, expected", [
