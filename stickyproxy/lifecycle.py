@@ -169,15 +169,22 @@ class Lifecycle:
 
     async def recycle(self, now: float) -> None:
         for backend in list(self.pool):
-            if backend.spec.meta.get("gone"):
-                await self._retire_gone(backend)
-            elif backend.recycling and not backend.replacement:
-                # Keep capacity: its replacement starts now, while it still serves its sessions.
-                backend.replacement = await self._recycler(backend).replace(backend.id)
-            elif backend.recycling:
-                await self._maybe_retire(backend)
-            else:
-                self.consider(backend, now)
+            try:
+                await self._recycle_one(backend, now)
+            except Exception:  # (a provider's error, e.g. the Docker API's: the next tick retries)
+                # Not out of run(): reaping and every other backend's recycling must go on.
+                log.exception("RECYCLE_FAILED backend=%s", backend.id)
+
+    async def _recycle_one(self, backend, now: float) -> None:
+        if backend.spec.meta.get("gone"):
+            await self._retire_gone(backend)
+        elif backend.recycling and not backend.replacement:
+            # Keep capacity: its replacement starts now, while it still serves its sessions.
+            backend.replacement = await self._recycler(backend).replace(backend.id)
+        elif backend.recycling:
+            await self._maybe_retire(backend)
+        else:
+            self.consider(backend, now)
 
     async def _retire_gone(self, backend) -> None:
         """A discovered backend whose address went away: forget it once it is empty."""

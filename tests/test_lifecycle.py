@@ -58,3 +58,53 @@ def test_recycling_is_bounded():
 @pytest.mark.parametrize("seconds, text", [(0.25, "250ms"), (5, "5s"), (90, "1m30s"), (3600, "1h"), (0, "0ms")])
 def test_fmt(seconds, text):
     assert fmt(seconds) == text
+
+
+async def test_a_provider_that_fails_to_recycle_stops_neither_reaping_nor_the_loop(caplog):
+    """replace() raising (a Docker API error: no real provider fails on cue) is logged and
+    retried on the next tick; the idle reaper runs on."""
+    import asyncio
+    import time
+    import types
+
+    from stickyproxy.backends import Pool
+    from stickyproxy.health import CheckResult
+    from stickyproxy.lifecycle import Lifecycle
+    from stickyproxy.providers import BackendSpec
+    from stickyproxy.sessions import SessionTable
+
+    class Failing:
+        calls = 0
+
+        async def replace(self, backend_id):
+            Failing.calls += 1
+            raise RuntimeError("the engine said no")
+
+        async def retire(self, backend_id):
+            pass
+
+    sessions = SessionTable()
+    pool = Pool(1, 1, sessions)
+    pool.publish("docker", [BackendSpec("docker-1", "http://127.0.0.1:9", "docker")])
+    backend = pool.backends["docker-1"]
+    pool.record_check(backend, CheckResult(True, "ok", "up"))
+    settings = types.SimpleNamespace(
+        session_idle_timeout=0.2, session_max_age=0, recycle_after_sessions=1, recycle_after=0,
+        recycle_above_memory=0, max_recycling=1, check_timeout=1)
+    life = Lifecycle(pool, sessions, settings, {"docker": Failing()})
+    pool.drain("docker-1", "recycling: test", recycling=True)
+    now = time.monotonic()  # idle 0.2 s from now: after the first failed recycle
+    sessions.pin(Session("idle", "docker-1", backend.spec.generation, now, now))
+    backend.upstream = None  # (nothing to DELETE on: the pin is what is checked)
+    task = asyncio.get_running_loop().create_task(life.run())
+    try:
+        for _ in range(100):
+            if Failing.calls >= 2 and "idle" not in sessions.live:
+                break
+            await asyncio.sleep(0.05)
+        assert Failing.calls >= 2 and not task.done()  # retried, and the loop lives
+        assert "idle" not in sessions.live  # reaped meanwhile
+        assert "RECYCLE_FAILED backend=docker-1" in caplog.text
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
