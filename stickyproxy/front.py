@@ -495,7 +495,8 @@ class Connection(asyncio.Protocol):
         self._url, self._headers, self._forward = b"", [], b""
         self._length, self._chunked, self._expect = None, False, False
         self._parsing = request if has_body else None
-        if expect and has_body:
+        if expect and has_body and (request.content_length or 0) <= self.port.max_body:
+            # (over the limit it is refused: 100 Continue would invite the upload first)
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
         if has_body and not request.chunked and request.content_length <= _WHOLE:
             return  # served once its body is here (on_message_complete), whole
