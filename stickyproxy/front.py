@@ -363,7 +363,6 @@ class Connection(asyncio.Protocol):
             self._drain.cancel()  # a streaming handler waiting to write stops (it is cancelled)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.loop.time()
         if self.broken is not None or self.closing:
             return  # after an error or Connection: close, the rest is not read
         try:
@@ -460,6 +459,10 @@ class Connection(asyncio.Protocol):
     # --- parsing (httptools callbacks) ---------------------------------------------------------
 
     def on_url(self, url: bytes) -> None:
+        if not self._url:
+            # A request starts: the idle clock restarts here, not on every byte received, or
+            # a client trickling one head (or a small body) would keep its connection for good.
+            self.last_active = self.loop.time()
         self._url += url
         if len(self._url) > self.port.max_header_size:
             raise BadRequest(f"request target longer than {self.port.max_header_size} bytes")

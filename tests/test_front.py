@@ -213,6 +213,27 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(port):
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server (0.5 s)
 
 
+@pytest.mark.parametrize("trickled", [
+    get("/a", "X-Slow: " + "a" * 200 + "\r\n"),  # a head that never ends
+    b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n" + b"x" * 59,  # a small body
+], ids=["head", "body"])
+async def test_a_request_trickled_a_byte_at_a_time_does_not_keep_its_connection(port, trickled):
+    """Each byte used to restart the idle clock: one request head sent slowly enough held the
+    connection (and a --max-connections place) for good."""
+    reader, writer = await connect(port)
+    closed = asyncio.ensure_future(reader.read())
+    try:
+        for byte in trickled[:40]:  # a byte every 0.05 s: 2 s, four idle timeouts
+            if closed.done():
+                break
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+        assert closed.done() and closed.result() == b""  # closed mid-trickle, nothing answered
+    finally:
+        closed.cancel()
+        writer.close()
+
+
 @pytest.mark.parametrize("data, why", [
     (b"FO\x01O / HTTP/1.1\r\n\r\n", "Invalid method"),
     (get("/a", "X-Big: " + "a" * 2000 + "\r\n"), "longer than 1024 bytes"),
