@@ -12,10 +12,12 @@ a bridged W3C command too): no task wakes up for it, which spared 17% of the pro
 per command (benchmarks/hotpath.py). What it guarantees to that handler:
 
 - requests of a connection are served one at a time, in order (pipelined ones wait their turn);
-- a body arrives whole (`read`) or as a stream with backpressure (`chunks`);
+- a body arrives whole (`read`, or `Body.whole` once all here), within `max_body`; one that
+  breaks off or stalls for `idle_timeout` raises BadRequest, a client gone mid-body ClientGone;
 - a client that disconnects cancels its coroutine (a queued new session leaves the queue at once),
   at its first await at the earliest, so its own clean-up runs; a request taken LATER runs to
-  its end (`Request.gone` says the client left), and its answer is dropped;
+  its end (`Request.gone` says the client left), its answer is dropped, and a coroutine it is
+  handed to afterwards (`Request.run`) is cancelled the same way;
 - bytes that are not HTTP, or a request line or header over `max_header_size`, are answered by
   `on_bad_request`'s error and the connection is closed;
 - idle keep-alive connections close after `idle_timeout`; connections over `max_connections`
@@ -39,7 +41,6 @@ from .upstream import HOP_BY_HOP
 log = logging.getLogger("stickyproxy")
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
-_HIGH_WATER = 1 << 20  # buffered body bytes before the client is told to wait (pause_reading)
 _MAX_PIPELINED = 16  # parsed requests waiting behind the one being served
 _WHOLE = 64 << 10  # a body up to this size is received before its handler starts
 Header = tuple[bytes, bytes]
@@ -64,28 +65,24 @@ class ClientGone(ConnectionResetError):
 class Body:
     """A request body as it arrives from the connection."""
 
-    __slots__ = ("_parts", "_size", "_buffered", "done", "_waiter", "_error", "_conn", "_limit",
-                 "_whole")
+    __slots__ = ("_parts", "_size", "done", "_waiter", "_error", "_conn", "_limit")
 
     def __init__(self, conn: "Connection", limit: int) -> None:
         self._parts: list[bytes] = []
-        self._size = self._buffered = 0
+        self._size = 0
         self.done = False
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._conn, self._limit = conn, limit
-        self._whole = False  # read() wants it all: --max-body bounds it, not pausing
 
     def feed(self, data: bytes) -> None:
+        # Bodies are read whole (a backend is sent a length): the limit bounds what is held.
         self._size += len(data)
         if self._size > self._limit:
             self._error = BodyTooLarge()
             self._parts.clear()
         elif self._error is None:
             self._parts.append(data)
-            self._buffered += len(data)
-            if self._buffered > _HIGH_WATER and not self._whole:
-                self._conn.pause_reading()
         self._wake()
 
     def finish(self) -> None:
@@ -120,34 +117,17 @@ class Body:
         if not self.done or self._error is not None:
             return None
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        self._parts, self._buffered = [], 0
+        self._parts = []
         return data
 
     async def read(self) -> bytes:
         """The whole body (raises BodyTooLarge past the limit, ClientGone if the client left
         before sending it all, BadRequest if it broke off or stalled)."""
-        self._whole = True
-        self._conn.resume_reading()
         while not self.done and self._error is None:
             await self._wait()
         if self._error is not None:
             raise self._error
         return self.whole()
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, reading paused while a megabyte waits unread."""
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self._parts:
-                data, self._parts, self._buffered = b"".join(self._parts), [], 0
-                self._conn.resume_reading()
-                yield data
-            elif self.done:
-                return
-            else:
-                await self._wait()
-
 
 class Request:
     """One parsed request: what the handler reads, and `send` to answer it."""
@@ -200,8 +180,6 @@ class Request:
     async def read(self) -> bytes:
         return await self.body.read() if self.body is not None else b""
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        return self.body.chunks()
 
     def abort(self) -> None:
         """End the connection now: an answer already under way cannot be finished."""

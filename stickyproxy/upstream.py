@@ -17,9 +17,10 @@ died (and any session it began died with it) or closed the idle connection as th
 (and did not serve it). Such a request (`replay_stale`) is sent once more over a fresh
 connection to the same backend, whose refused connect is again the proof the placement needs.
 
-Two ways to send: `request`, a coroutine (streamed bodies, and what goes on in a coroutine:
-a new session's retry, a heavy bridge plan), and `submit`, which calls back with the answer and
-spares the usual command and new session a task wake-up.
+Two ways to send a request (always whole, with its length): `request`, a coroutine (for what
+goes on in one: a new session's retry, a heavy bridge plan, a DELETE of ours), and `submit`,
+which calls back with the answer and spares the usual command and new session a task wake-up.
+Answers may stream (`Response.chunks`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class _Connection(asyncio.Protocol):
         self._exc: BaseException | None = None
         self._paused = False
         self.received = False  # a byte of this answer has arrived
-        # Upstream.send_now's way instead of the _head future: called with the answer's head
+        # Upstream.submit's way instead of the _head future: called with the answer's head
         # (or its failure), once the parser is done with the data (never inside its callbacks).
         self._callback = None
         self._ready = False  # the head is here, for the callback
@@ -224,24 +225,6 @@ class _Connection(asyncio.Protocol):
         """Send a whole request (head and body) in one write."""
         self._head = self._loop.create_future()
         self.transport.write(data)
-
-    async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None,
-                   chunked: bool = False) -> None:
-        if body is None or isinstance(body, (bytes, bytearray)):
-            self.start(head + body if body else head)
-            return
-        self._head = self._loop.create_future()
-        self.transport.write(head)
-        async for chunk in body:
-            if self.lost or self.transport.is_closing():  # (a closed transport raises RuntimeError)
-                raise UpstreamError("backend closed the connection while the body was sent")
-            if chunk:
-                # chunked transfer only when the client gave no length either
-                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-        if self.lost or self.transport.is_closing():
-            raise UpstreamError("backend closed the connection while the body was sent")
-        if chunked:
-            self.transport.write(b"0\r\n\r\n")
 
     async def read_head(self, timeout: float) -> None:
         # A bare timer on the future: asyncio.timeout's context manager cost ~4% of the proxy's
@@ -416,35 +399,29 @@ class Upstream:
         return conn
 
     def head(self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]] | bytes,
-             length: int | None) -> bytes:
+             length: int) -> bytes:
         """The request head: `headers` as (name, value) pairs (hop-by-hop ones are dropped here)
-        or as header lines a server already filtered (front.Request.forward)."""
+        or as header lines a server already filtered (front.Request.forward). Bodies are whole
+        (front.py reads them so): every request has a length."""
         if not isinstance(headers, bytes):
             headers = b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers
                                if name.lower() not in HOP_BY_HOP)
-        if length is None:
-            return b"%b %b%b HTTP/1.1\r\nHost: %b\r\n%bTransfer-Encoding: chunked\r\n\r\n" % (
-                method.encode(), self._base, target.encode(), self.host_header, headers)
         return b"%b %b%b HTTP/1.1\r\nHost: %b\r\n%bContent-Length: %d\r\n\r\n" % (
             method.encode(), self._base, target.encode(), self.host_header, headers, length)
 
     async def request(self, method: str, target: str,
                       headers: Iterable[tuple[bytes, bytes]] | bytes,
-                      body: bytes | AsyncIterator[bytes] | None, *, timeout: float,
-                      length: int | None = None, connect_timeout: float = 10.0,
+                      body: bytes | None, *, timeout: float, connect_timeout: float = 10.0,
                       replay_stale: bool = False) -> Response:
         """Send one request; returns when the response head has arrived.
 
         Raises NotConnected when no connection could be opened (the request was not sent) and
-        UpstreamError / TimeoutError after it may have been sent. With `replay_stale` (a whole
-        body only), an idle connection is reused only if warm, and a reused one that breaks
+        UpstreamError / TimeoutError after it may have been sent. With `replay_stale`, an idle
+        connection is reused only if warm, and a reused one that breaks
         before any byte of the answer is replaced by a fresh one, once (see the module's doc).
         """
-        if body is None:  # most commands are GETs
-            length = 0
-        elif isinstance(body, (bytes, bytearray)):
-            length = len(body)
-        head = self.head(method, target, headers, length)
+        head = self.head(method, target, headers, len(body) if body else 0)
+        data = head + body if body else head
         slots = self._slots
         if slots.free > 0 and not slots.waiting:  # inline: a coroutine call costs ~1 us
             slots.free -= 1
@@ -460,10 +437,7 @@ class Upstream:
                 conn._reset()
                 self.in_use += 1
                 try:
-                    if body is None or isinstance(body, (bytes, bytearray)):
-                        conn.start(head + body if body else head)  # no coroutine, usually
-                    else:
-                        await conn.send(head, body, chunked=length is None)
+                    conn.start(data)
                     self._watch(conn, timeout)
                     try:
                         await conn._head  # read_head, inlined: one coroutine less per command
@@ -472,8 +446,7 @@ class Upstream:
                 except UpstreamError:
                     self.in_use -= 1
                     conn.transport.close()
-                    if not (replay_stale and reused and not conn.received
-                            and (body is None or isinstance(body, (bytes, bytearray)))):
+                    if not (replay_stale and reused and not conn.received):
                         raise
                     reused = False  # once: the next connection is fresh (NotConnected: refused)
                     self.stale_total += 1
@@ -604,8 +577,8 @@ class Upstream:
             conn = await self._open(timeout)
             try:
                 conn._reset()
-                await conn.send(b"GET %b%b HTTP/1.1\r\nHost: %b\r\nConnection: close\r\n\r\n"
-                                % (self.base_path.encode(), target.encode(), self.host_header), None)
+                conn.start(b"GET %b%b HTTP/1.1\r\nHost: %b\r\nConnection: close\r\n\r\n"
+                           % (self.base_path.encode(), target.encode(), self.host_header))
                 await conn.read_head(timeout)
                 return conn.status, await conn.read_body()
             finally:
