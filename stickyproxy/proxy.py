@@ -136,6 +136,25 @@ async def _answer_when_done(request: Request, step: Awaitable[Reply]) -> None:
     _answer(request, reply)
 
 
+def _reply_now(request: Request, step: Reply | Awaitable[Reply]) -> bool:
+    """A callback's outcome: a Reply is answered here (True: the callback finishes the
+    request), a coroutine goes on in the request's task (False: it finishes it)."""
+    if type(step) is Reply:
+        _answer(request, step)
+        return True
+    request.run(_answer_when_done(request, step))
+    return False
+
+
+def _callback_failed(request: Request, answer: Response | None) -> None:
+    """A bug of ours in a backend answer's callback: the answer released (a released one
+    ignores it), the request counted, and front.py's 500 sent."""
+    if answer is not None:
+        answer.release()
+    _observe(request, 500)
+    request.crashed()
+
+
 def _route(request: Request, app: App, timing: Timing) -> Reply | Awaitable[Reply] | object:
     """The checks every request passes, then its handler: a Reply, LATER (a command sent on,
     answered by `_command_answered`), or the coroutine that will make a Reply. Refusals and
@@ -246,10 +265,7 @@ def _command_answered(request: Request, app: App, sid: str, kind: Kind, backend:
             request.send(answer.status, answer.forward + backend.served_by, body)
             _observe(request, answer.status)
     except Exception:
-        if answer is not None:
-            answer.release()  # (once: a released answer ignores it)
-        _observe(request, 500)
-        request.crashed()
+        _callback_failed(request, answer)
         return
     request.finish()
 
@@ -467,15 +483,10 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
             app.pool.release(backend.id)
         if type(reply) is not Reply:  # a bridged session: its setup first, if it has any
             reply = _bridged_new_session(request, app, backend, reply)
-            if type(reply) is not Reply:
-                request.run(_answer_when_done(request, reply))
-                return
-        _answer(request, reply)
+        if not _reply_now(request, reply):
+            return
     except Exception:
-        if answer is not None:
-            answer.release()  # (once: a released answer ignores it)
-        _observe(request, 500)
-        request.crashed()
+        _callback_failed(request, answer)
         return
     request.finish()
 
@@ -838,17 +849,10 @@ class _BridgeRun:
                     step = self.advance(self.step, self.results)
             except WebDriverError as err:
                 step = error_response(err)
-            if step is LATER:
+            if step is LATER or not _reply_now(request, step):
                 return
-            if type(step) is not Reply:
-                request.run(_answer_when_done(request, step))
-                return
-            _answer(request, step)
         except Exception:
-            if answer is not None:
-                answer.release()  # (once: a released answer ignores it)
-            _observe(request, 500)
-            request.crashed()
+            _callback_failed(request, answer)
             return
         request.finish()
 
