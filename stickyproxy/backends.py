@@ -25,7 +25,7 @@ log = logging.getLogger("stickyproxy")
 READY, DRAIN = "ready", "drain"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Backend:
     spec: BackendSpec
     health: Health

@@ -31,7 +31,7 @@ from .providers.processes import BROWSERS, LocalProcesses, find_chromedriver, fi
 from .providers.dns import DnsProvider
 from .providers.static import StaticProvider
 from .sessions import EndReason, SessionTable, missing_sessions
-from .upstream import Upstream
+from .upstream import Deadlines, Upstream
 
 log = logging.getLogger("stickyproxy")
 
@@ -51,6 +51,7 @@ class Server:
         self.guard: Guard | None = None
         self.shutting_down = False
         self._checks: dict[str, asyncio.Task] = {}
+        self._deadlines = Deadlines()  # every backend's awaited answers, under one timer
         self._reconciles: set[asyncio.Task] = set()
         self._provider_tasks: list[asyncio.Task] = []
         self._runners: list[web.AppRunner] = []
@@ -132,7 +133,7 @@ class Server:
         s = self.settings
         # One connection of GhostDriver's ~10 stays free for the health check.
         backend.upstream = Upstream(backend.spec.url, max(1, s.backend_connections - 1),
-                                    backend.spec.unix_socket)
+                                    backend.spec.unix_socket, self._deadlines)
         self._checks[backend.id] = asyncio.get_running_loop().create_task(
             check_loop(backend.id, lambda: probe(backend.upstream, s.check_path, s.check_timeout),
                        s.check_interval, lambda result: self._checked(backend, result),

@@ -272,7 +272,8 @@ def _expire(future: asyncio.Future) -> None:
 class Slots:
     """A counting semaphore whose uncontended acquire is one decrement (asyncio.Semaphore's
     was ~3% of the proxy's CPU per command). Waiters are served in order; a released slot is
-    handed straight to the next one, so a newcomer cannot overtake it."""
+    handed straight to the next one, so a newcomer cannot overtake it, and `free` stays 0 while
+    anyone waits: a free slot is proof that nobody does."""
 
     __slots__ = ("free", "_waiters", "_loop")
 
@@ -281,20 +282,16 @@ class Slots:
         self._waiters: deque[asyncio.Future] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None  # kept: get_running_loop is a getpid
 
-    @property
-    def waiting(self) -> bool:
-        return bool(self._waiters)
-
     def enqueue(self, take) -> None:
         """Wait in line without a coroutine: `take()` is called when a slot is handed over."""
-        if self.free > 0 and not self._waiters:
+        if self.free > 0:
             self.free -= 1
             take()
         else:
             self._waiters.append(take)
 
     async def acquire(self) -> None:
-        if self.free > 0 and not self._waiters:
+        if self.free > 0:
             self.free -= 1
             return
         loop = self._loop
@@ -310,7 +307,9 @@ class Slots:
             raise
 
     def release(self) -> None:
-        while self._waiters:
+        # With a slot free nobody waits: the usual case, many backends or not, leaves the
+        # queue (another object, cold by then) untouched.
+        while not self.free and self._waiters:
             waiter = self._waiters.popleft()
             if not isinstance(waiter, asyncio.Future):
                 waiter()  # an enqueued callback: the slot is taken at once
@@ -360,10 +359,55 @@ class Response:
             self._pool._give_back(self._conn)
 
 
+class Deadlines:
+    """The answers awaited, by deadline, under one timer: a timer per request (call_later +
+    cancel) cost about 2 us, 5% of the proxy's CPU per command. One is shared by all of a
+    server's backends, so with many backends a command touches one warm table, not its
+    backend's own, cold one."""
+
+    __slots__ = ("due", "_timer", "_at")
+
+    def __init__(self) -> None:
+        self.due: dict[_Connection, float] = {}  # the connection whose answer is awaited -> deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = _NEVER
+
+    def watch(self, conn: _Connection, timeout: float) -> None:
+        loop = conn._loop
+        deadline = loop.time() + timeout
+        self.due[conn] = deadline
+        if deadline < self._at:
+            self._arm(loop, deadline)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = when
+        self._timer = loop.call_at(when, self._expire_due, loop)
+
+    def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the answers whose deadline has passed (TimeoutError), and sleep until the next."""
+        self._timer, self._at = None, _NEVER
+        now = loop.time() + _SLACK
+        later = _NEVER
+        for conn, deadline in list(self.due.items()):
+            if deadline <= now:
+                conn._expire()  # its request forgets the deadline
+            elif deadline < later:
+                later = deadline
+        if later < _NEVER:
+            self._arm(loop, later)
+
+
 class Upstream:
     """The bounded set of connections to one backend."""
 
-    def __init__(self, url: str, limit: int, unix_socket: str | None = None) -> None:
+    __slots__ = ("host", "port", "base_path", "_base", "ssl", "unix_socket", "host_header",
+                 "limit", "_slots", "_idle", "in_use", "opened_total", "stale_total", "_clock",
+                 "_deadlines")
+
+    def __init__(self, url: str, limit: int, unix_socket: str | None = None,
+                 deadlines: Deadlines | None = None) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -378,11 +422,8 @@ class Upstream:
         self.in_use = 0
         self.opened_total = 0
         self.stale_total = 0  # replay_stale requests sent again after a reused connection broke
-        # Answers awaited (by their connection), by deadline, and one timer for the earliest: a
-        # timer per request (call_later + cancel) cost about 2 us, 5% of the proxy's CPU per command.
-        self._deadlines: dict[_Connection, float] = {}
-        self._sweep: asyncio.TimerHandle | None = None
-        self._sweep_at = _NEVER
+        self._clock = deadlines or Deadlines()
+        self._deadlines = self._clock.due  # (its table, kept at hand: two lookups per command)
 
     async def _open(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -423,7 +464,7 @@ class Upstream:
         head = self.head(method, target, headers, len(body) if body else 0)
         data = head + body if body else head
         slots = self._slots
-        if slots.free > 0 and not slots.waiting:  # inline: a coroutine call costs ~1 us
+        if slots.free > 0:  # inline: a coroutine call costs ~1 us
             slots.free -= 1
         else:
             await slots.acquire()
@@ -438,7 +479,7 @@ class Upstream:
                 self.in_use += 1
                 try:
                     conn.start(data)
-                    self._watch(conn, timeout)
+                    self._clock.watch(conn, timeout)
                     try:
                         await conn._head  # read_head, inlined: one coroutine less per command
                     finally:
@@ -472,7 +513,7 @@ class Upstream:
         head = self.head(method, target, headers, len(body) if body else 0)
         data = head + body if body else head
         slots = self._slots
-        if slots.free > 0 and not slots.waiting:
+        if slots.free > 0:
             slots.free -= 1
             self._submit(data, timeout, callback, connect_timeout, replay_stale)
         else:
@@ -506,7 +547,7 @@ class Upstream:
         conn._reset()
         conn._pool, conn._callback = self, callback
         conn.transport.write(data)
-        self._watch(conn, timeout)
+        self._clock.watch(conn, timeout)
 
     def _warm_connection(self) -> _Connection | None:
         """An idle connection answered within the last WARM seconds, or None: none answered
@@ -525,14 +566,6 @@ class Upstream:
                 return conn
         return None
 
-    def _watch(self, conn: _Connection, timeout: float) -> None:
-        """Give the answer awaited on `conn` its deadline, under the backend's one timer."""
-        loop = conn._loop
-        deadline = loop.time() + timeout
-        self._deadlines[conn] = deadline
-        if deadline < self._sweep_at:
-            self._arm(loop, deadline)
-
     def _delivered(self, conn: _Connection, exc: BaseException | None) -> None:
         callback, conn._callback = conn._callback, None
         del self._deadlines[conn]
@@ -550,25 +583,6 @@ class Upstream:
             return
         self._slots.release()
         callback(None, exc)
-
-    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-        self._sweep_at = when
-        self._sweep = loop.call_at(when, self._expire_due, loop)
-
-    def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Fail the answers whose deadline has passed (TimeoutError), and sleep until the next."""
-        self._sweep, self._sweep_at = None, _NEVER
-        now = loop.time() + _SLACK
-        later = _NEVER
-        for conn, deadline in list(self._deadlines.items()):
-            if deadline <= now:
-                conn._expire()  # its request forgets the deadline
-            elif deadline < later:
-                later = deadline
-        if later < _NEVER:
-            self._arm(loop, later)
 
     async def check(self, target: str, timeout: float) -> tuple[int, bytes]:
         """One health check over its own short-lived connection, outside the command slots, so a

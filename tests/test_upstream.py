@@ -374,7 +374,7 @@ async def test_submitted_requests_wait_for_slots_in_order_and_reuse_connections(
         try:
             for path in ("/slow", "/a", "/b", "/c", "/d"):  # 2 slots: three wait in line
                 upstream.submit("GET", path, b"", None, 5, answers)
-            assert upstream._slots.free == 0 and upstream._slots.waiting
+            assert upstream._slots.free == 0 and len(upstream._slots._waiters) == 3
             got = []
             for _ in range(5):
                 answer, exc = await answers.next()
