@@ -21,7 +21,10 @@ per command (benchmarks/hotpath.py). What it guarantees to that handler:
 - bytes that are not HTTP, or a request line or header over `max_header_size`, are answered by
   `on_bad_request`'s error and the connection is closed;
 - idle keep-alive connections close after `idle_timeout`; connections over `max_connections`
-  get `on_too_many`'s answer before anything is read.
+  get `on_too_many`'s answer before anything is read;
+- a connection closed while its client may still be sending (a body refused before it was read,
+  bytes after a bad request) closes lingering, as nginx's do, so the client reads its answer
+  instead of a reset.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ log = logging.getLogger("stickyproxy")
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _MAX_PIPELINED = 16  # parsed requests waiting behind the one being served
 _WHOLE = 64 << 10  # a body up to this size is received before its handler starts
+_LINGER_QUIET = 2.0  # a lingering close ends after this long without a byte from the client
+_LINGER_MAX = 30.0  # and after this long in all (nginx: lingering_timeout 5 s, lingering_time 30 s)
 Header = tuple[bytes, bytes]
 _METHODS = {m.encode(): m for m in ("GET", "POST", "DELETE", "PUT", "HEAD", "OPTIONS", "PATCH")}
 
@@ -289,8 +294,10 @@ class Connection(asyncio.Protocol):
         self.broken: str | None = None  # a parse error to answer once the current one is out
         self.paused = False
         self._drain: asyncio.Future | None = None
-        self._idle: asyncio.TimerHandle | None = None
+        self._idle: asyncio.TimerHandle | None = None  # the idle timer, or the lingering close's
         self.last_active = 0.0
+        self._refused = False  # over --max-connections: answered before anything was read
+        self._linger_until = 0.0
         # the request being parsed
         self._url = b""
         self._headers: list[Header] = []
@@ -314,7 +321,7 @@ class Connection(asyncio.Protocol):
         port.connections.add(self)
         if port.max_connections and len(port.connections) > port.max_connections:
             status, headers, body = port.on_too_many(self.remote)
-            self.closing = True
+            self.closing = self._refused = True  # (its request, unread, lingers)
             self.answer(status, headers, body, True)
             return
         self.last_active = self.loop.time()
@@ -342,7 +349,10 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.broken is not None or self.closing:
-            return  # after an error or Connection: close, the rest is not read
+            # After an error or Connection: close, the rest is not parsed (a lingering close
+            # drops it, and counts it as a sign of life).
+            self.last_active = self.loop.time()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -432,7 +442,39 @@ class Connection(asyncio.Protocol):
             transport.write(data)
         if close:
             self.closing = True
+            if self._parsing is None and self.broken is None and not self._refused:
+                transport.close()
+            else:
+                self._linger()
+
+    def _linger(self) -> None:
+        """Close a connection whose client may still be sending (a body refused unread, bytes
+        after a bad request, a request over --max-connections): closed with unread bytes, the
+        kernel answers them with a reset, which can reach the client before our answer, so it
+        sees "connection reset" instead of the error. As nginx's lingering close: the answer,
+        then our FIN, then what still comes is read and dropped until the client closes, goes
+        quiet for _LINGER_QUIET or _LINGER_MAX has passed."""
+        transport = self.transport
+        if not transport.can_write_eof():
             transport.close()
+            return
+        transport.write_eof()
+        self.resume_reading()
+        self.last_active = now = self.loop.time()
+        self._linger_until = now + _LINGER_MAX
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self.loop.call_later(_LINGER_QUIET, self._check_linger)
+
+    def _check_linger(self) -> None:
+        now = self.loop.time()
+        quiet = now - self.last_active
+        if quiet >= _LINGER_QUIET or now >= self._linger_until:
+            self._idle = None
+            self.transport.close()
+        else:
+            self._idle = self.loop.call_later(
+                min(_LINGER_QUIET - quiet, self._linger_until - now), self._check_linger)
 
     # --- parsing (httptools callbacks) ---------------------------------------------------------
 

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from conftest import eventually
+from stickyproxy import front
 from stickyproxy.front import LATER, BadRequest, BodyTooLarge, Connection, Port, Request
 
 JSON = (b"Content-Type", b"application/json")
@@ -268,6 +269,57 @@ async def test_connections_over_the_limit_are_answered_and_closed(port):
     reader, writer = await connect(port)
     status, headers, _ = await read_answer(reader)
     assert status == 429 and headers["connection"] == "close"
+
+
+def send_all_then_read(port_number: int, data: bytes) -> tuple[int, bytes]:
+    """As a blocking client does (urllib3, Selenium's): send the whole request, body and all,
+    and only then read; (status, the rest up to the server's close). A reset anywhere fails."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port_number), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+BIG = 16 << 20  # more than the socket buffers hold: the client still sends when it is answered
+
+
+async def test_a_body_refused_unread_is_drained_so_the_client_reads_its_answer(port):
+    # Answered 413 from its head: closing at once with the body unread makes the kernel reset
+    # the connection, and the client, still sending, never reads the 413.
+    head = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BIG
+    status, answer = await asyncio.to_thread(send_all_then_read, port.number, head + b"a" * BIG)
+    assert status == 413 and answer.endswith(b'{"too": "large"}')
+
+
+async def test_bytes_after_a_bad_request_are_drained_too(port):
+    status, answer = await asyncio.to_thread(send_all_then_read, port.number,
+                                             b"FO\x01O / HTTP/1.1\r\n\r\n" + b"z" * BIG)
+    assert status == 400
+
+
+async def test_a_lingering_close_ends_when_the_client_goes_quiet(port, monkeypatch):
+    monkeypatch.setattr(front, "_LINGER_QUIET", 0.5)
+    reader, writer = await connect(port)
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 10)
+    status, headers, _ = await read_answer(reader)
+    assert status == 413 and headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # our FIN, right after the answer
+    assert port.connections  # still reading what the client might send
+    # It sends nothing more (nor closes): the connection ends after the quiet time.
+    await eventually(lambda: not port.connections, timeout=3)
+
+
+async def test_a_request_over_the_connection_limit_is_drained_before_its_429(port):
+    held = [await connect(port) for _ in range(3)]
+    for reader, writer in held:
+        writer.write(get("/a"))
+        await read_answer(reader)
+    head = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BIG
+    status, _ = await asyncio.to_thread(send_all_then_read, port.number, head + b"a" * BIG)
+    assert status == 429
 
 
 # --- handlers that answer at once or from a callback (the proxy's command path) -------------

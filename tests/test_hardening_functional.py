@@ -120,6 +120,30 @@ def test_bad_input_gets_a_webdriver_error_and_reaches_no_backend(guarded, name, 
     assert after["sessions_total"] == before["sessions_total"]
 
 
+@pytest.mark.parametrize("target, status, error", [
+    ("/session/deadbeef/execute", 404, "invalid session id"),  # answered before its body is read
+    ("/session", 413, "invalid argument"),  # declared over --max-body (1m here)
+])
+def test_a_client_sending_a_body_that_is_refused_reads_the_error(guarded, target, status, error):
+    # A blocking client (the standard library's http.client) sends the whole body before it
+    # reads: answered from the head, the connection must drain the rest, or the client gets
+    # "connection reset" instead of the error.
+    import http.client
+    size = 900_000 if status == 404 else 2 << 20
+    conn = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=10)
+    conn.connect()
+    # Small send buffers, as over a real network: the body is still on its way when answered.
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 128 << 10)
+    try:
+        conn.request("POST", target, body=b'{"script": "' + b"a" * size + b'"}',
+                     headers={"Content-Type": "application/json"})
+        got = conn.getresponse()
+        assert got.status == status
+        assert json.loads(got.read())["value"]["error"] == error
+    finally:
+        conn.close()
+
+
 def test_refusals_are_counted_and_logged(guarded):
     raw(guarded.port, request("GET", "http://example.org/status"))
     stats = guarded.stats()
