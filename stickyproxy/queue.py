@@ -2,8 +2,9 @@
 
 A free slot is handed to the head of the queue *with its backend already reserved* (the picker
 counts it as pending), so a new arrival can never take the slot a waiter was woken for: first in,
-first served. A waiter that gives up (timeout, or its client disconnected and aiohttp cancelled
-the handler) leaves the queue at once and gives back a slot it was handed.
+first served (a retry that may use none of what is free keeps its place, and the others pass).
+A waiter that gives up (timeout, or its client disconnected and its handler was cancelled)
+leaves the queue at once and gives back a slot it was handed.
 """
 
 from __future__ import annotations
@@ -94,17 +95,25 @@ class SessionQueue:
             self.dispatch()
 
     def dispatch(self) -> None:
-        """Hand free slots to waiters, oldest first; call whenever capacity may have freed."""
-        while self._waiters:
-            head = self._waiters[0]
-            if head.future.done():
-                self._waiters.popleft()
+        """Hand free slots to waiters, oldest first; call whenever capacity may have freed.
+        A waiter that may not use what is free (a retry, which excludes the backends it tried)
+        keeps its place while those behind it are served: else the free slot idles, and the
+        whole queue with it, until another one frees."""
+        waiters = self._waiters
+        kept = 0  # waiters at the front that may use nothing free now
+        while len(waiters) > kept:
+            waiter = waiters[kept]
+            if waiter.future.done():
+                del waiters[kept]
                 continue
-            backend_id = self._pick(head.cookie, head.tried)
+            backend_id = self._pick(waiter.cookie, waiter.tried)
             if backend_id is None:
-                return
-            self._waiters.popleft()
-            head.future.set_result(backend_id)
+                if not waiter.tried:
+                    return  # nothing free for anyone
+                kept += 1
+                continue
+            del waiters[kept]
+            waiter.future.set_result(backend_id)
 
     def fail_all(self, exc: BaseException) -> None:
         while self._waiters:

@@ -91,3 +91,29 @@ async def test_a_full_queue_refuses_at_once():
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_retry_that_may_not_use_the_free_backend_keeps_its_place_but_blocks_nobody():
+    free = {"b1": 0, "b2": 0}
+
+    def pick(cookie, tried):
+        for backend_id, n in free.items():
+            if n and backend_id not in tried:
+                free[backend_id] -= 1
+                return backend_id
+        return None
+
+    queue = SessionQueue(pick, lambda backend_id: None, 10)
+    retry = asyncio.create_task(queue.wait(None, ("b2",), 5))  # its attempt on b2 failed
+    await asyncio.sleep(0)
+    free["b2"] = 1
+    queue.dispatch()  # b2 is free, but not for the retry at the head
+    await asyncio.sleep(0)
+    assert not retry.done() and len(queue) == 1
+    assert queue.admit(None) is None  # a newcomer queues behind it, as always...
+    newcomer = asyncio.create_task(queue.wait(None, (), 5))
+    assert await asyncio.wait_for(newcomer, 1) == "b2"  # ...and takes b2 at once
+    free["b1"] = 1
+    queue.dispatch()
+    assert await asyncio.wait_for(retry, 1) == "b1"
+    assert len(queue) == 0
