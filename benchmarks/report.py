@@ -142,7 +142,7 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                 first, last = series[0], series[-1]
                 worst = max(r["cpu_us_per_request"] for r in series)
                 growth = worst / first["cpu_us_per_request"] - 1
-                ref = _haproxy_growth(series)
+                ref = _others_growth(series)
                 unpaired = (f"{first['cpu_us_per_request']} -> {last['cpu_us_per_request']} us "
                             f"(worst +{growth * 100:.0f}%){_split_growth(series)}")
                 paired = [r["paired"]["ratio"] for r in series if "paired" in r]
@@ -176,9 +176,13 @@ def _acks(series: list[dict]) -> str:
     if not series or None in ours:
         return ""
     text = f"; pure ACKs to the backends per request {ours[0]:.2f} -> {ours[-1]:.2f}"
-    theirs = [r.get("haproxy", {}).get("upstream_acks_per_request") for r in series]
-    if None not in theirs:
-        text += f" (HAProxy {theirs[0]:.2f} -> {theirs[-1]:.2f})"
+    others = []
+    for key, name in (("haproxy", "HAProxy"), ("python-floor", "the floor")):
+        theirs = [r.get(key, {}).get("upstream_acks_per_request") for r in series]
+        if None not in theirs:
+            others.append(f"{name} {theirs[0]:.2f} -> {theirs[-1]:.2f}")
+    if others:
+        text += f" ({', '.join(others)})"
     return text
 
 
@@ -193,15 +197,18 @@ def _split_growth(series: list[dict]) -> str:
     return "; of it " + ", ".join(parts)
 
 
-def _haproxy_growth(series: list[dict]) -> str:
-    """HAProxy's own growth over the same backend counts, where the run measured it."""
-    ref = [r["haproxy"] for r in series if "cpu_us_per_request" in r.get("haproxy", {})]
-    if len(ref) < 2 or len(ref) != len(series):
-        return ""
-    worst = max(r["cpu_us_per_request"] for r in ref)
-    return (f"; HAProxy over the same: {ref[0]['cpu_us_per_request']} -> "
-            f"{ref[-1]['cpu_us_per_request']} us (worst +{(worst / ref[0]['cpu_us_per_request'] - 1) * 100:.0f}%)"
-            f"{_split_growth(ref)}")
+def _others_growth(series: list[dict]) -> str:
+    """The reference proxies' own growth over the same backend counts, where the run measured it."""
+    text = ""
+    for key, name in (("haproxy", "HAProxy"), ("python-floor", "the Python floor")):
+        ref = [r[key] for r in series if "cpu_us_per_request" in r.get(key, {})]
+        if len(ref) < 2 or len(ref) != len(series):
+            continue
+        worst = max(r["cpu_us_per_request"] for r in ref)
+        text += (f"; {name} over the same: {ref[0]['cpu_us_per_request']} -> "
+                 f"{ref[-1]['cpu_us_per_request']} us (worst +{(worst / ref[0]['cpu_us_per_request'] - 1) * 100:.0f}%)"
+                 f"{_split_growth(ref)}")
+    return text
 
 
 def _peaks(c: dict) -> str:
@@ -344,29 +351,31 @@ def markdown(results: dict) -> str:
         L.append("")
         ref = [r for r in sc.get("backends", []) if "haproxy" in r]
         if ref:
-            L += ["The same backend counts and paths through HAProxy (one thread, `balance uri`: each "
-                  "session path hashed to one backend, keep-alive), for reference. Pure ACKs: the TCP "
-                  "segments without data each proxy sent to the backends per request (the kernel's "
-                  "counters, `ss -ti`, over the proxy's backend connections). A backend connection "
-                  "that idles past the kernel's delayed-ACK window between two requests acknowledges "
-                  "the answer with a segment of its own instead of inside the next request; with "
-                  "1,000 backends each connection waits about 1,000 requests between its turns, and "
-                  "the slower proxy waits longer:", "",
-                  "| backends | HAProxy req/s | CPU us/request (user + kernel) | vs first | pure ACKs/request | stickyproxy CPU us/request (user + kernel) | vs first | pure ACKs/request | stickyproxy x HAProxy CPU |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-            h0 = next((r["haproxy"] for r in ref if "cpu_us_per_request" in r["haproxy"]), None)
-            s0 = ref[0]
+            L += ["The same backend counts through HAProxy (one thread, `balance uri`: each session "
+                  "path hashed to one backend, keep-alive) and through `python-floor` "
+                  "(benchmarks/floor_proxy.py, the least a Python sticky forwarder spends; sessions of "
+                  "its own, placed round-robin), for reference; `vs first` is each proxy's own growth. "
+                  "Pure ACKs: the TCP segments without data each proxy sent to the backends per "
+                  "request (the kernel's counters, `ss -ti`, over the proxy's backend connections). A "
+                  "backend connection that idles past the kernel's delayed-ACK window (40 ms here) "
+                  "between two requests acknowledges the answer with a segment of its own instead of "
+                  "inside the next request; with 1,000 backends each connection waits about 1,000 "
+                  "requests between its turns, and the slower proxy waits longer:", "",
+                  "| backends | proxy | req/s | CPU us/request (user + kernel) | vs first | pure ACKs/request | CPU x HAProxy |",
+                  "|---|---|---|---|---|---|---|"]
             for r in ref:
                 h = r["haproxy"]
-                if "error" in h or h0 is None:
-                    L.append(f"| {r['backends']:,} | error: {_one(h.get('error', '?'))} ||||||||")
-                    continue
-                L.append(f"| {r['backends']:,} | {h['rps']:.0f} | {h['cpu_us_per_request']}{_us_split(h)} | "
-                         f"{_rx(_ratio(h['cpu_us_per_request'], h0['cpu_us_per_request']))} | "
-                         f"{_f(h.get('upstream_acks_per_request'), 2)} | "
-                         f"{r['cpu_us_per_request']}{_us_split(r)} | {_rx(_ratio(r['cpu_us_per_request'], s0['cpu_us_per_request']))} | "
-                         f"{_f(r.get('upstream_acks_per_request'), 2)} | "
-                         f"{_rx(_ratio(r['cpu_us_per_request'], h['cpu_us_per_request']))} |")
+                for name, m in (("haproxy", h), ("python-floor", r.get("python-floor")), (SP, r)):
+                    if m is None:
+                        continue
+                    if "error" in m:
+                        L.append(f"| {r['backends']:,} | {name} | error: {_one(m['error'])} |||||")
+                        continue
+                    first = ref[0] if m is r else ref[0].get(name, {})
+                    L.append(f"| {r['backends']:,} | {name} | {m['rps']:.0f} | {m['cpu_us_per_request']}{_us_split(m)} | "
+                             f"{_rx(_ratio(m['cpu_us_per_request'], first.get('cpu_us_per_request')))} | "
+                             f"{_f(m.get('upstream_acks_per_request'), 2)} | "
+                             f"{_rx(_ratio(m['cpu_us_per_request'], h.get('cpu_us_per_request')))} |")
             L.append("")
     rs = results.get("restarts")
     if rs:

@@ -9,8 +9,9 @@ its first state alive and measures every point beside it, A B B A A B B A (`Refe
 flatness is the median ratio of the point's CPU per request to the reference's run next to it;
 at the first point that is an A/A comparison, which shows the method's own noise. The absolute
 figures are the best of the point's runs. Each
-backend count is also measured through HAProxy (`balance uri`) over the same paths: a reference
-for what touching that many backend connections costs any proxy here. Each point also times the
+backend count is also measured through HAProxy (`balance uri`) over the same paths and through
+the Python floor (benchmarks/floor_proxy.py): references for what touching that many backend
+connections costs any proxy, and any Python proxy, here. Each point also times the
 routing decisions alone, in-process on the same state size (`routing_cost.py`): the part of a
 request's cost that depends on the state, apart from sockets.
 """
@@ -154,12 +155,20 @@ class Reference:
         return row
 
 
-def _haproxy(stack: Stack, backends: list[int], ids: list[str], duration: float) -> dict:
-    """The same paths through HAProxy (one thread, `balance uri`, keep-alive) over the same
-    backends: how much of a growth with the backend count any proxy pays on this machine."""
+def _other(stack: Stack, kind: str, backends: list[int], ids: list[str], duration: float) -> dict:
+    """The same load through another proxy over the same backends: how much of a growth with the
+    backend count any proxy pays on this machine. `haproxy`: one thread, `balance uri` over the
+    same session paths, keep-alive. `python-floor`: benchmarks/floor_proxy.py, the least a Python
+    sticky forwarder spends, with as many sessions of its own (it pins what it placed)."""
     proxy = None
     try:
-        proxy, port = stack.start_haproxy(f"haproxy-scale-{len(backends)}", backends, mode="uri")
+        if kind == "haproxy":
+            proxy, port = stack.start_haproxy(f"haproxy-scale-{len(backends)}", backends, mode="uri")
+        else:
+            proxy, port = stack.start_floor(backends)
+            ids, errs = create_sessions("127.0.0.1", port, len(ids), concurrency=64)
+            if errs:
+                raise RuntimeError(f"POST /session through the floor failed: {sorted(set(errs))[:2]}")
         m = _measure(stack, proxy, port, ids, duration)
         return {k: m[k] for k in ("rps", "cpu_us_per_request", "user_us_per_request", "sys_us_per_request",
                                   "upstream_segs_per_request", "upstream_acks_per_request",
@@ -269,8 +278,9 @@ def run(stack: Stack, *, duration: float, session_points=(10, 1_000, 100_000),
                 log(f"[scale] backends={nb}: {row['rps']} req/s, {row['cpu_us_per_request']} us CPU/req "
                     f"(x{row['paired']['ratio']} the reference beside it), "
                     f"RSS {row['rss_mib']} MiB, sessions spread on {used}/{nb}")
-                row["haproxy"] = _haproxy(stack, nports[:nb], ids, duration)
-                log(f"[scale] backends={nb}, HAProxy over the same paths: {row['haproxy']}")
+                for kind in ("haproxy", "python-floor"):
+                    row[kind] = _other(stack, kind, nports[:nb], ids, duration)
+                    log(f"[scale] backends={nb}, {kind} over the same backends: {row[kind]}")
             except Exception as e:
                 out["backends"].append({"backends": nb, "error": f"{type(e).__name__}: {e}"})
                 log(f"[scale] backends={nb}: ERROR {e}")
