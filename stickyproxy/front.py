@@ -48,6 +48,7 @@ _MAX_PIPELINED = 16  # parsed requests waiting behind the one being served
 _WHOLE = 64 << 10  # a body up to this size is received before its handler starts
 _LINGER_QUIET = 2.0  # a lingering close ends after this long without a byte from the client
 _LINGER_MAX = 30.0  # and after this long in all (nginx: lingering_timeout 5 s, lingering_time 30 s)
+_MOST_LINGERING = 256  # beyond this many at once, a connection closes at once (as it used to)
 Header = tuple[bytes, bytes]
 _METHODS = {m.encode(): m for m in ("GET", "POST", "DELETE", "PUT", "HEAD", "OPTIONS", "PATCH")}
 
@@ -252,6 +253,7 @@ class Port:
         # handler that failed (None); on_too_many(client): to a connection over the limit.
         self.on_bad_request, self.on_too_many = on_bad_request, on_too_many
         self.connections: set[Connection] = set()
+        self.lingering: set[Connection] = set()  # answered and closing: not counted above
         self.server: asyncio.base_events.Server | None = None
 
     def __call__(self) -> "Connection":
@@ -267,6 +269,8 @@ class Port:
         (or after `grace` seconds)."""
         if self.server is not None:
             self.server.close()
+        for conn in list(self.lingering):
+            conn.transport.close()
         for conn in list(self.connections):
             conn.close_when_idle()
         loop = asyncio.get_running_loop()
@@ -297,6 +301,7 @@ class Connection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None  # the idle timer, or the lingering close's
         self.last_active = 0.0
         self._refused = False  # over --max-connections: answered before anything was read
+        self.lingering = False  # answered, our side ended: reading what still comes, to drop it
         self._linger_until = 0.0
         # the request being parsed
         self._url = b""
@@ -329,6 +334,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.port.connections.discard(self)
+        self.port.lingering.discard(self)
         self.closing = True
         if self._idle is not None:
             self._idle.cancel()
@@ -436,7 +442,7 @@ class Connection(asyncio.Protocol):
 
     def write(self, data: bytes | bytearray, close: bool) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.lingering:
             return
         if data:
             transport.write(data)
@@ -453,11 +459,17 @@ class Connection(asyncio.Protocol):
         kernel answers them with a reset, which can reach the client before our answer, so it
         sees "connection reset" instead of the error. As nginx's lingering close: the answer,
         then our FIN, then what still comes is read and dropped until the client closes, goes
-        quiet for _LINGER_QUIET or _LINGER_MAX has passed."""
-        transport = self.transport
-        if not transport.can_write_eof():
+        quiet for _LINGER_QUIET or _LINGER_MAX has passed. Nothing after the answer is parsed
+        (llhttp takes no request after a Connection: close one, nor do we after a bad one or
+        behind a body left unread), and the connection no longer counts against
+        --max-connections (a flood of refused ones would otherwise keep out the next client)."""
+        transport, port = self.transport, self.port
+        port.connections.discard(self)
+        if len(port.lingering) >= _MOST_LINGERING or not transport.can_write_eof():
             transport.close()
             return
+        port.lingering.add(self)
+        self.lingering = True  # (nothing more is written)
         transport.write_eof()
         self.resume_reading()
         self.last_active = now = self.loop.time()

@@ -389,14 +389,16 @@ class Deadlines:
         """Fail the answers whose deadline has passed (TimeoutError), and sleep until the next."""
         self._timer, self._at = None, _NEVER
         now = loop.time() + _SLACK
-        later = _NEVER
-        for conn, deadline in list(self.due.items()):
-            if deadline <= now:
-                conn._expire()  # its request forgets the deadline
-            elif deadline < later:
-                later = deadline
-        if later < _NEVER:
-            self._arm(loop, later)
+        try:
+            for conn, deadline in list(self.due.items()):
+                if deadline <= now:
+                    conn._expire()  # its request forgets the deadline
+        finally:
+            # From the table as the sweep left it: an expiry's callback may have sent another
+            # request (armed already, if earlier), and a failing one must not disarm the rest.
+            later = min((d for d in self.due.values() if d > now), default=_NEVER)
+            if later < self._at:
+                self._arm(loop, later)
 
 
 class Upstream:

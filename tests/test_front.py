@@ -307,9 +307,23 @@ async def test_a_lingering_close_ends_when_the_client_goes_quiet(port, monkeypat
     status, headers, _ = await read_answer(reader)
     assert status == 413 and headers["connection"] == "close"
     assert await asyncio.wait_for(reader.read(), 5) == b""  # our FIN, right after the answer
-    assert port.connections  # still reading what the client might send
+    assert port.lingering and not port.connections  # reading what the client might send
     # It sends nothing more (nor closes): the connection ends after the quiet time.
-    await eventually(lambda: not port.connections, timeout=3)
+    await eventually(lambda: not port.lingering, timeout=3)
+
+
+async def test_a_lingering_connection_does_not_count_against_the_limit(port):
+    held = [await connect(port) for _ in range(2)]
+    for reader, writer in held:
+        writer.write(get("/a"))
+        await read_answer(reader)
+    reader, writer = await connect(port)  # the third: refused from its head, then lingering
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 10)
+    assert (await read_answer(reader))[0] == 413
+    await eventually(lambda: port.lingering)
+    reader, writer = await connect(port)  # three served at most: this one is the third
+    writer.write(get("/b"))
+    assert (await read_answer(reader))[0] == 200
 
 
 async def test_a_request_over_the_connection_limit_is_drained_before_its_429(port):

@@ -8,8 +8,9 @@ import contextlib
 
 import pytest
 
+from conftest import eventually
 from stickyproxy import upstream as upstream_module
-from stickyproxy.upstream import NotConnected, Slots, Upstream, UpstreamError
+from stickyproxy.upstream import Deadlines, NotConnected, Slots, Upstream, UpstreamError
 
 
 async def test_slots_are_taken_without_waiting_until_none_is_free():
@@ -449,3 +450,29 @@ async def test_a_callback_may_release_and_submit_again_on_the_same_connection():
             assert bodies == [b"/0", b"/1", b"/2"] and upstream.opened_total == 1
         finally:
             upstream.close()
+
+
+async def test_a_deadline_set_during_a_sweep_is_kept_even_if_earlier_than_the_rest():
+    # An expiry's callback may send the next request at once (a queued one takes the slot):
+    # its deadline, earlier than the others left, must still fire on time.
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines()
+    expired = []
+
+    class Awaited:  # what Deadlines needs of an upstream._Connection
+        def __init__(self, name, then=None):
+            self._loop, self.name, self.then = loop, name, then
+
+        def _expire(self):
+            expired.append((self.name, loop.time()))
+            del deadlines.due[self]
+            if self.then:
+                deadlines.watch(*self.then)
+
+    deadlines.watch(Awaited("slow"), 30)
+    quick = Awaited("quick")
+    deadlines.watch(Awaited("first", then=(quick, 0.1)), 0.05)
+    start = loop.time()
+    await eventually(lambda: len(expired) >= 2, timeout=5)
+    assert [name for name, _ in expired] == ["first", "quick"]
+    assert expired[1][1] - start < 1  # not at the 30 s one's time
