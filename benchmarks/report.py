@@ -125,7 +125,7 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
             r = pair["ratio"]
         needs = "" if pair else f" (needs {0.5 * h['c64']['rps']:.0f} req/s)"
         out.append(("overhead: req/s at 64 conns >= 0.5x HAProxy", measured,
-                    verdict(r >= 0.5, f"{(0.5 - r) / 0.5 * 100:.0f}%{needs}")))
+                    verdict(r >= 0.5, f"{(0.5 - r) / 0.5 * 100:.1f}%{needs}")))
     if sp.get("added_p50_us") is not None:
         a = sp["added_p50_us"]
         out.append(("overhead: added p50 latency at 1 conn <= 0.3 ms", f"{a / 1000:.3f} ms",

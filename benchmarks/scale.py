@@ -112,7 +112,8 @@ def _summary(proxy, runs: list[dict]) -> dict:
             "user_us_per_request": round(best["cpu_us_per_request"] - best["sys_us_per_request"], 2),
             "upstream_segs_per_request": best["upstream_segs_per_request"],
             "upstream_acks_per_request": best["upstream_acks_per_request"],
-            "runs": [{"rps": r["rps"], "cpu_us_per_request": r["cpu_us_per_request"]} for r in runs],
+            "runs": [{"rps": r["rps"], "cpu_us_per_request": r["cpu_us_per_request"],
+                      "upstream_acks_per_request": r["upstream_acks_per_request"]} for r in runs],
             "rss_mib": round(proxy.rss() / 2**20, 1)}
 
 
