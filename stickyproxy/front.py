@@ -39,6 +39,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import httptools
 
+from .outbox import Outbox
 from .upstream import HOP_BY_HOP
 
 log = logging.getLogger("stickyproxy")
@@ -226,10 +227,12 @@ class Request:
         elif framed:
             head += b"Transfer-Encoding: chunked\r\n"
         conn = self._conn
-        conn.write(head + b"\r\n", False)
+        # (written at once, not gathered: the client's pace, seen at drain(), rules a stream)
+        conn.write(head + b"\r\n", False, now=True)
         async for chunk in chunks:
             if chunk:
-                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if framed else chunk, False)
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if framed else chunk, False,
+                           now=True)
                 await conn.drain()
         conn.write(b"0\r\n\r\n" if framed else b"", close)
 
@@ -243,7 +246,7 @@ class Port:
 
     def __init__(self, handler: Handler, *, app: object = None, idle_timeout: float,
                  max_header_size: int,
-                 max_body: int, max_connections: int = 0,
+                 max_body: int, max_connections: int = 0, outbox: Outbox | None = None,
                  on_bad_request: Callable[[str | None, str | None], tuple[int, list[Header], bytes]],
                  on_too_many: Callable[[str | None], tuple[int, list[Header], bytes]]) -> None:
         self.handler, self.app = handler, app
@@ -254,6 +257,7 @@ class Port:
         self.on_bad_request, self.on_too_many = on_bad_request, on_too_many
         self.connections: set[Connection] = set()
         self.lingering: set[Connection] = set()  # answered and closing: not counted above
+        self.outbox = outbox or Outbox()  # answers: see outbox.py
         self.server: asyncio.base_events.Server | None = None
 
     def __call__(self) -> "Connection":
@@ -404,6 +408,7 @@ class Connection(asyncio.Protocol):
     def close_when_idle(self) -> None:
         self.closing = True
         if not self.busy and not self.waiting and self.transport is not None:
+            self.port.outbox.flush()  # (an answer written in this loop turn goes first)
             self.transport.close()
 
     def abort(self) -> None:
@@ -415,6 +420,7 @@ class Connection(asyncio.Protocol):
         idle = self.loop.time() - self.last_active
         if not self.busy and not self.waiting and idle >= self.port.idle_timeout:
             self._idle = None
+            self.port.outbox.flush()
             self.transport.close()
         else:
             self._idle = self.loop.call_later(max(0.1, self.port.idle_timeout - idle),
@@ -440,18 +446,26 @@ class Connection(asyncio.Protocol):
             b"Connection: close\r\n" if close else b"", len(body) if length is None else length,
             body), close)
 
-    def write(self, data: bytes | bytearray, close: bool) -> None:
+    def write(self, data: bytes | bytearray, close: bool, now: bool = False) -> None:
+        """Write `data` (gathered with the other writes of this loop turn unless `now`), then
+        end the connection if `close`."""
         transport = self.transport
         if transport is None or transport.is_closing() or self.lingering:
             return
+        if not (close or now):
+            if data:
+                self.port.outbox.write(transport, data)
+            return
+        self.port.outbox.flush()  # (what this connection has held goes first)
         if data:
             transport.write(data)
-        if close:
-            self.closing = True
-            if self._parsing is None and self.broken is None and not self._refused:
-                transport.close()
-            else:
-                self._linger()
+        if not close:
+            return
+        self.closing = True
+        if self._parsing is None and self.broken is None and not self._refused:
+            transport.close()
+        else:
+            self._linger()
 
     def _linger(self) -> None:
         """Close a connection whose client may still be sending (a body refused unread, bytes

@@ -22,6 +22,7 @@ from .front import LATER, BadRequest, BodyTooLarge, ClientGone, Header, Port, Re
 from .guard import Guard
 from .lifecycle import Lifecycle, fmt
 from .metrics import Metrics, Timing
+from .outbox import Outbox
 from .queue import QueueFull, SessionQueue
 from .health import DOWN
 from .routing import Attempt, may_retry_elsewhere
@@ -897,7 +898,8 @@ def _no_backend_message(pool: Pool, tried: list[str]) -> str:
     return f"no backend can take a new session: {states}"
 
 
-def make_port(app: App, *, idle_timeout: float, max_header_size: int) -> Port:
+def make_port(app: App, *, idle_timeout: float, max_header_size: int,
+              outbox: Outbox | None = None) -> Port:
     """The WebDriver port: `handle` for every request, whatever its target (no router: unknown
     targets get a WebDriver error, never a text/plain 404)."""
     guard = app.guard
@@ -919,5 +921,5 @@ def make_port(app: App, *, idle_timeout: float, max_header_size: int) -> Port:
         return reply.status, reply.headers, reply.body
 
     return Port(handle, app=app, idle_timeout=idle_timeout, max_header_size=max_header_size,
-                max_body=guard.max_body, max_connections=guard.max_connections,
+                max_body=guard.max_body, max_connections=guard.max_connections, outbox=outbox,
                 on_bad_request=bad_request, on_too_many=too_many)

@@ -31,6 +31,7 @@ from .providers.processes import BROWSERS, LocalProcesses, find_chromedriver, fi
 from .providers.dns import DnsProvider
 from .providers.static import StaticProvider
 from .sessions import EndReason, SessionTable, missing_sessions
+from .outbox import Outbox
 from .upstream import Deadlines, Upstream
 
 log = logging.getLogger("stickyproxy")
@@ -52,6 +53,7 @@ class Server:
         self.shutting_down = False
         self._checks: dict[str, asyncio.Task] = {}
         self._deadlines = Deadlines()  # every backend's awaited answers, under one timer
+        self.outbox = Outbox()  # the writes of a loop turn, gathered: the port's and the backends'
         self._reconciles: set[asyncio.Task] = set()
         self._provider_tasks: list[asyncio.Task] = []
         self._runners: list[web.AppRunner] = []
@@ -133,7 +135,7 @@ class Server:
         s = self.settings
         # One connection of GhostDriver's ~10 stays free for the health check.
         backend.upstream = Upstream(backend.spec.url, max(1, s.backend_connections - 1),
-                                    backend.spec.unix_socket, self._deadlines)
+                                    backend.spec.unix_socket, self._deadlines, self.outbox)
         self._checks[backend.id] = asyncio.get_running_loop().create_task(
             check_loop(backend.id, lambda: probe(backend.upstream, s.check_path, s.check_timeout),
                        s.check_interval, lambda result: self._checked(backend, result),
@@ -202,7 +204,7 @@ class Server:
                         s.backend_timeout, s.queue_timeout, s.session_key.encode(),
                         self.metrics, s.access_log)
         self._port = proxy.make_port(app, idle_timeout=s.client_idle_timeout,
-                                     max_header_size=s.max_header_size)
+                                     max_header_size=s.max_header_size, outbox=self.outbox)
         self.addresses["listen"] = await self._port.start(*s.listen)
         runner = web.AppRunner(stats.make_app(self.snapshot, self, self.metrics), access_log=None,
                                handle_signals=False)

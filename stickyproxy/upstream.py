@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .outbox import Outbox
+
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the ones this client sets itself.
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
@@ -406,10 +408,10 @@ class Upstream:
 
     __slots__ = ("host", "port", "base_path", "_base", "ssl", "unix_socket", "host_header",
                  "limit", "_slots", "_idle", "in_use", "opened_total", "stale_total", "_clock",
-                 "_deadlines")
+                 "_deadlines", "_outbox")
 
     def __init__(self, url: str, limit: int, unix_socket: str | None = None,
-                 deadlines: Deadlines | None = None) -> None:
+                 deadlines: Deadlines | None = None, outbox: Outbox | None = None) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -426,6 +428,7 @@ class Upstream:
         self.stale_total = 0  # replay_stale requests sent again after a reused connection broke
         self._clock = deadlines or Deadlines()
         self._deadlines = self._clock.due  # (its table, kept at hand: two lookups per command)
+        self._outbox = outbox or Outbox()  # requests sent from callbacks: see outbox.py
 
     async def _open(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -548,7 +551,7 @@ class Upstream:
         self.in_use += 1
         conn._reset()
         conn._pool, conn._callback = self, callback
-        conn.transport.write(data)
+        self._outbox.write(conn.transport, data)
         self._clock.watch(conn, timeout)
 
     def _warm_connection(self) -> _Connection | None:

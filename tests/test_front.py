@@ -207,6 +207,19 @@ async def test_a_client_that_stops_reading_a_long_answer_and_leaves_cancels_it(p
     await eventually(lambda: port.echo.cancelled == ["/flood"])
 
 
+async def test_answers_gathered_in_the_turn_their_connection_is_closed_still_arrive(port):
+    reader, writer = await connect(port)
+    writer.write(get("/a"))
+    await read_answer(reader)
+    conn = next(iter(port.connections))
+    one = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none"
+    two = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo"
+    conn.write(one, False)  # the turn's first write: at once
+    conn.write(two, False)  # held for the turn's end...
+    conn.close_when_idle()  # ...which the close must not outrun (as at shutdown)
+    assert await asyncio.wait_for(reader.read(), 5) == one + two
+
+
 async def test_idle_connections_are_closed_after_the_idle_timeout(port):
     reader, writer = await connect(port)
     writer.write(get("/a"))
