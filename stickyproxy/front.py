@@ -447,8 +447,8 @@ class Connection(asyncio.Protocol):
             body), close)
 
     def write(self, data: bytes | bytearray, close: bool, now: bool = False) -> None:
-        """Write `data` (gathered with the other writes of this loop turn unless `now`), then
-        end the connection if `close`."""
+        """Write `data`, gathered with the other writes of this loop turn (outbox.py) unless
+        `now` or `close`; then end the connection if `close`."""
         transport = self.transport
         if transport is None or transport.is_closing() or self.lingering:
             return

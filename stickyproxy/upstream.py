@@ -428,7 +428,7 @@ class Upstream:
         self.stale_total = 0  # replay_stale requests sent again after a reused connection broke
         self._clock = deadlines or Deadlines()
         self._deadlines = self._clock.due  # (its table, kept at hand: two lookups per command)
-        self._outbox = outbox or Outbox()  # requests sent from callbacks: see outbox.py
+        self._outbox = outbox or Outbox()  # the requests `submit` sends: see outbox.py
 
     async def _open(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()

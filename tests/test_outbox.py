@@ -46,3 +46,36 @@ async def test_flush_writes_what_is_held_now_and_skips_a_closed_connection():
     assert log == [("a", b"1"), ("a", b"2")]
     await asyncio.sleep(0)
     assert log == [("a", b"1"), ("a", b"2")]  # nothing written twice
+
+
+async def test_more_than_the_most_held_goes_out_at_once():
+    # A transport's high-water mark must still be reached while its writer runs (so a client
+    # that pipelines and reads nothing pauses its own serving), not only at the turn's end.
+    from stickyproxy.outbox import MOST_HELD
+    log = []
+    a = Recording(log, "a")
+    outbox = Outbox()
+    outbox.write(a, b"first")
+    big = b"x" * (MOST_HELD // 2)
+    outbox.write(a, big)
+    assert len(log) == 1
+    outbox.write(a, big + b"!")  # over the bound: everything held goes now
+    assert log == [("a", b"first"), ("a", big), ("a", big + b"!")]
+    await asyncio.sleep(0)
+    assert len(log) == 3
+
+
+async def test_a_failing_write_does_not_lose_the_others():
+    log = []
+
+    class Broken(Recording):
+        def write(self, data):
+            raise RuntimeError("Cannot call write() after write_eof()")
+
+    a, b = Recording(log, "a"), Broken(log, "b")
+    outbox = Outbox()
+    outbox.write(a, b"1")
+    outbox.write(b, b"2")
+    outbox.write(a, b"3")
+    await asyncio.sleep(0)
+    assert log == [("a", b"1"), ("a", b"3")]
