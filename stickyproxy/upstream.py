@@ -57,11 +57,82 @@ class UpstreamError(ConnectionError):
     """The connection failed after the request may have been sent."""
 
 
+class _Reader:
+    """An answer's parser, lent to one connection from the first byte of an answer to its end.
+
+    Why not one per connection: with many backends, each command's connection is cold in the
+    CPU's caches, and a parser of its own is a dozen more cold cache lines per answer (llhttp's
+    state and settings, httptools' object and its bound callbacks: 1.0 of the 3.1 us a request
+    grew from 4 to 1,000 backends, by perf). Lent from a free list, the parser in use is the one
+    just used. llhttp starts each keep-alive answer afresh, so a parser goes back only after a
+    whole keep-alive answer that nothing followed; any other is dropped with its connection."""
+
+    __slots__ = ("parser", "conn")
+
+    def __init__(self) -> None:
+        self.conn: _Connection | None = None
+        self.parser = httptools.HttpResponseParser(self)
+
+    # httptools callbacks, acting on the connection it reads for
+    def on_message_begin(self) -> None:
+        conn = self.conn
+        if not conn._awaited:
+            # Bytes nobody asked for (on an idle connection, or after the answer): the stream
+            # can no longer be trusted, nor can this parser (feed_data raises, both are dropped).
+            raise UpstreamError("backend sent bytes that answer no request")
+        conn._awaited = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower not in HOP_BY_HOP:
+            self.conn.forward += b"%b: %b\r\n" % (name, value)
+        elif lower == b"content-length":
+            self.conn.length = int(value)  # httptools has checked it is digits
+        elif lower == b"transfer-encoding":
+            self.conn.chunked = True
+
+    def on_headers_complete(self) -> None:
+        conn = self.conn
+        conn.status = self.parser.get_status_code()
+        if conn.length is not None and conn.length <= WHOLE:
+            # Answered whole once its body is here: GhostDriver sends its head and body in
+            # separate segments, and waking the waiting handler for each cost a task step more
+            # per command (on_message_complete wakes it).
+            return
+        conn._answered()
+
+    def on_body(self, body: bytes) -> None:
+        if not body:
+            return  # an empty piece is no end: next_chunk's b"" means the end
+        conn = self.conn
+        conn._chunks.append(body)
+        conn._buffered += len(body)
+        if conn._buffered > _HIGH_WATER and not conn._paused:
+            conn._paused = True
+            conn.transport.pause_reading()
+        if conn._waiter is not None:
+            conn._wake()
+
+    def on_message_complete(self) -> None:
+        conn = self.conn
+        conn.keep_alive = self.parser.should_keep_alive()  # (llhttp forgets it after this call)
+        conn._done = True
+        conn._ready = True
+        if conn._head is not None:
+            conn._answered()
+        if conn._waiter is not None:
+            conn._wake()
+
+
+_readers: list[_Reader] = []  # the free ones, the last used on top
+_MOST_READERS = 256  # kept free at most: as many as answers are ever read at once, in practice
+
+
 class _Connection(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "status", "forward", "length", "chunked", "keep_alive",
+    __slots__ = ("transport", "_reader", "status", "forward", "length", "chunked", "keep_alive",
                  "_head", "_chunks", "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock",
                  "_paused", "lost", "_loop", "received", "idle_since", "_callback", "_ready",
-                 "_pool", "_replay")
+                 "_pool", "_replay", "_awaited")
 
     def __init__(self) -> None:
         # Kept once: on 3.11 every get_running_loop() costs a getpid() syscall.
@@ -70,13 +141,12 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self._quickack = False
         self._sock = None
-        # One parser for the connection's life: llhttp reads answer after answer on a
-        # keep-alive connection (a connection whose answer broke off is never reused).
-        self.parser = httptools.HttpResponseParser(self)
+        self._reader: _Reader | None = None  # while an answer is being read
         self._chunks: deque[bytes] = deque()
         self.idle_since = 0.0  # loop time it went back to the pool
         self._pool: Upstream | None = None  # set by the pool that sends on it
         self._reset()
+        self._awaited = False  # until a request is sent: any byte before is an error
 
     def _reset(self) -> None:
         self.status = 0
@@ -99,6 +169,7 @@ class _Connection(asyncio.Protocol):
         # submit's `replay_stale` on a reused connection: (data, timeout, connect_timeout), to
         # send again over a fresh connection if this one breaks before any byte of the answer
         self._replay: tuple[bytes, float, float] | None = None
+        self._awaited = True  # an answer's first byte is due
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,12 +185,27 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = _readers.pop() if _readers else _Reader()
+            reader.conn = self
         try:
-            self.parser.feed_data(data)
+            reader.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self._drop_reader()  # its parser is spent
             self.transport.close()
-            self._fail(UpstreamError(f"backend sent a malformed HTTP response: {exc}"))
-            return
+            if not self._done:
+                why = exc.__context__  # (a callback's own error, as httptools wraps it)
+                self._fail(why if isinstance(why, UpstreamError)
+                           else UpstreamError(f"backend sent a malformed HTTP response: {exc}"))
+                return
+            # bytes after a whole answer: the answer stands, the connection is not reused
+        else:
+            if self._done and self.keep_alive:
+                # A whole answer, and the parser is back at an answer's start: lent again.
+                self._reader = reader.conn = None
+                if len(_readers) < _MOST_READERS:
+                    _readers.append(reader)
         if self._ready and self._callback is not None:
             self._ready = False
             self._pool._delivered(self, None)
@@ -130,6 +216,11 @@ class _Connection(asyncio.Protocol):
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             except OSError:
                 self._quickack = False
+
+    def _drop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.conn = None  # (a reader mid-answer is never lent again)
+            self._reader = None
 
     def eof_received(self) -> bool:
         # httptools has no end-of-input call: a body with neither a length nor chunking ends
@@ -146,6 +237,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._drop_reader()
         if self._sock is not None:
             self._sock.close()  # the duplicate descriptor
             self._sock, self._quickack = None, False
@@ -159,49 +251,10 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         pass
 
-    # httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lower = name.lower()
-        if lower not in HOP_BY_HOP:
-            self.forward += b"%b: %b\r\n" % (name, value)
-        elif lower == b"content-length":
-            self.length = int(value)  # httptools has checked it is digits
-        elif lower == b"transfer-encoding":
-            self.chunked = True
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if self.length is not None and self.length <= WHOLE:
-            # Answered whole once its body is here: GhostDriver sends its head and body in
-            # separate segments, and waking the waiting handler for each cost a task step more
-            # per command (on_message_complete wakes it).
-            return
-        self._answered()
-
     def _answered(self) -> None:
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
         self._ready = True
-
-    def on_body(self, body: bytes) -> None:
-        if not body:
-            return  # an empty piece is no end: next_chunk's b"" means the end
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
-        if self._waiter is not None:  # (_wake, inlined here and below: once or twice per answer)
-            self._wake()
-
-    def on_message_complete(self) -> None:
-        self.keep_alive = self.parser.should_keep_alive()
-        self._done = True
-        self._ready = True
-        if self._head is not None:
-            self._answered()
-        if self._waiter is not None:
-            self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

@@ -476,3 +476,105 @@ async def test_a_deadline_set_during_a_sweep_is_kept_even_if_earlier_than_the_re
     await eventually(lambda: len(expired) >= 2, timeout=5)
     assert [name for name, _ in expired] == ["first", "quick"]
     assert expired[1][1] - start < 1  # not at the 30 s one's time
+
+
+# --- parsers lent per answer (upstream._Reader) ------------------------------------------------
+
+# The head of an answer nobody asked for, its body still to come: a parser that took it for
+# the next answer would read the next real one as its body.
+UNASKED = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+
+
+async def body_of(upstream: Upstream, path: str) -> bytes:
+    """One submitted GET's whole body (the answer released)."""
+    answers = Answers()
+    upstream.submit("GET", path, b"", None, 5, answers)
+    answer, exc = await answers.next()
+    assert exc is None, exc
+    try:
+        return answer.ready_body()
+    finally:
+        answer.release()
+
+
+async def test_bytes_after_a_whole_answer_keep_the_answer_but_not_the_connection():
+    async def serve(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split()[1]
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(path), path)
+            writer.write(answer + UNASKED if path == b"/a" else answer)
+            await writer.drain()
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        try:
+            assert await body_of(upstream, "/a") == b"/a"  # the answer itself stands
+            assert await body_of(upstream, "/b") == b"/b"
+            assert upstream.opened_total == 2  # the first connection was not trusted again
+        finally:
+            upstream.close()
+
+
+async def test_bytes_nobody_asked_for_close_an_idle_connection():
+    sent = asyncio.Event()
+
+    async def serve(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split()[1]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(path), path))
+            await writer.drain()
+            if path == b"/a":
+                await asyncio.sleep(0.05)  # the connection is idle in the pool by now
+                writer.write(UNASKED)
+                await writer.drain()
+                sent.set()
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        try:
+            assert await body_of(upstream, "/a") == b"/a"
+            await asyncio.wait_for(sent.wait(), 5)
+            await eventually(lambda: not upstream._idle or upstream._idle[-1].lost, timeout=5,
+                             what="the idle connection closed")
+            assert await body_of(upstream, "/b") == b"/b"
+            assert upstream.opened_total == 2
+        finally:
+            upstream.close()
+
+
+async def test_answers_split_over_segments_on_two_connections_at_once_each_read_whole():
+    """Each connection keeps its parser while its answer is unfinished; a finished keep-alive
+    one lends its parser to the next answer, whichever connection it comes on."""
+    async def serve(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split()[1]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Path: " % len(path))
+            await writer.drain()
+            await asyncio.sleep(0.1)  # both answers are half read now
+            writer.write(b"%b\r\n\r\n%b" % (path, path))
+            await writer.drain()
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=2)
+        other = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        answers = Answers()
+        try:
+            upstream.submit("GET", "/first", b"", None, 5, answers)
+            upstream.submit("GET", "/second", b"", None, 5, answers)
+            got = set()
+            for _ in range(2):
+                answer, exc = await answers.next()
+                body = answer.ready_body()
+                assert exc is None and b"X-Path: %b\r\n" % body in answer.forward
+                got.add(body)
+                answer.release()
+            assert got == {b"/first", b"/second"} and upstream.opened_total == 2
+            lent = upstream_module._readers[-1]
+            assert await body_of(other, "/third") == b"/third"
+            assert upstream_module._readers[-1] is lent  # the same parser read it, and is back
+        finally:
+            upstream.close()
+            other.close()
