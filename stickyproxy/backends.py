@@ -30,12 +30,17 @@ class Backend:
     spec: BackendSpec
     health: Health
     upstream: object = None  # upstream.Upstream, attached by the server (I/O lives there)
+    # What every command reads, side by side (with many backends, each is a cold cache line):
+    # `serving` mirrors "not down, not removed" (Pool keeps it), so a command need not read
+    # the Health object too.
+    serving: bool = True
+    requests_total: int = 0
+    served_by: bytes = b""  # the header line naming it on each answer (built once, not per answer)
     admin: str = READY
     last_check: CheckResult | None = None
     dialect: str = ""  # learned from checks and new-session answers: "jsonwp" | "w3c"
     pending: int = 0  # new sessions on their way to it
     sessions_total: int = 0
-    requests_total: int = 0
     errors_total: int = 0
     added: float = field(default_factory=time.time)
     lost_total: int = 0
@@ -45,7 +50,6 @@ class Backend:
     replacement: str = ""  # id of the backend started to take its place
     started: float = field(default_factory=time.monotonic)  # this generation's start
     generation_sessions: int = 0  # sessions created since `started`
-    served_by: bytes = b""  # the header line naming it on each answer (built once, not per answer)
 
     def __post_init__(self) -> None:
         self.served_by = b"X-Stickyproxy-Backend: %b\r\n" % self.spec.id.encode()
@@ -120,6 +124,7 @@ class Pool:
         backend.lost_total += 1
         backend.last_lost = reason
         forced = backend.health.force_down()
+        backend.serving = False
         self._sync(backend)
         if forced:
             log.warning('BACKEND_DOWN backend=%s check=lost reason="%s"', backend_id, reason)
@@ -133,6 +138,7 @@ class Pool:
         if result.dialect:
             backend.dialect = result.dialect
         changed = backend.health.observe(result.ok)
+        backend.serving = backend.health.state != DOWN
         self._sync(backend)
         if changed == DOWN:
             log.warning('BACKEND_DOWN backend=%s check=%s reason="%s"', backend.id, result.code,
@@ -238,6 +244,7 @@ class Pool:
         backend = self.backends.pop(backend_id, None)
         if backend is None:
             return
+        backend.serving = False
         self._index.set(backend_id, None)
         if self.by_route.get(route_of(backend.spec.url)) == backend_id:
             del self.by_route[route_of(backend.spec.url)]

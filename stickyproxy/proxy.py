@@ -224,10 +224,12 @@ def _session_command(request: Request, app: App, sid: str, kind: Kind,
                  + (f" ({ended.detail})" if ended.detail else ""))
     timing = request.timing
     timing.backend_id = session.backend_id
-    backend = app.pool.backends.get(session.backend_id)
-    if backend is None or backend.health.state == DOWN:
-        why = (backend.last_check.reason if backend and backend.last_check else "removed")
-        raise WebDriverError.backend_unavailable(sid, session.backend_id, f"down: {why}")
+    backend = session.backend
+    if backend is None or not backend.serving:  # its first command, or its backend is not up
+        backend = session.backend = app.pool.backends.get(session.backend_id)
+        if backend is None or backend.health.state == DOWN:
+            why = (backend.last_check.reason if backend and backend.last_check else "removed")
+            raise WebDriverError.backend_unavailable(sid, session.backend_id, f"down: {why}")
     session.last_used = time.monotonic()
     session.requests += 1
     session.busy += 1  # until _observe: the idle reaper leaves it alone meanwhile

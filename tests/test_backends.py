@@ -1,5 +1,6 @@
 """backends.Pool without sockets: its placement index stays what a scan of the pool would find,
-whatever happens to sessions, checks, drains and membership."""
+and each backend's `serving` what its health and membership say, whatever happens to sessions,
+checks, drains and membership."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import time
 
 from stickyproxy.backends import Pool
-from stickyproxy.health import CheckResult
+from stickyproxy.health import DOWN, CheckResult
 from stickyproxy.providers import BackendSpec
 from stickyproxy.sessions import EndReason, Session, SessionTable
 
@@ -43,6 +44,7 @@ def test_the_index_matches_a_scan_whatever_the_pool_goes_through():
     rng = random.Random(11)
     pool = _pool(6, max_sessions=4)
     now, live, pending, n = time.monotonic(), [], [], 0
+    seen = set(pool)  # every Backend object the pool has held
     for step in range(4000):
         op = rng.random()
         if op < 0.35:
@@ -82,3 +84,7 @@ def test_the_index_matches_a_scan_whatever_the_pool_goes_through():
             live = [s for s in live if pool.sessions.get(s)]
             pending = [b for b in pending if b in pool.backends]
         assert pool._index._load == _scan(pool), step
+        seen.update(pool)
+        members = set(pool)
+        for b in seen:  # the mirror a command reads instead of the Health object
+            assert b.serving == (b in members and b.health.state != DOWN), (step, b.id)

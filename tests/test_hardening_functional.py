@@ -393,6 +393,16 @@ def test_a_backend_that_hangs_times_out_and_goes_down_others_unaffected(stickypr
     assert http_json(f"{proxy.url}/session/{pinned['static-2']}/url")[0] == 200
     status, _, headers = http_json(proxy.url + "/session", "POST", NEW)
     assert status == 200 and headers["X-Stickyproxy-Backend"] == "static-2"
+    # Its session, which has been served there before, is refused without a try while the
+    # backend is down, and served there again once it is back.
+    sent = proxy.backend("static-1")["requests_total"]
+    status, body, _ = http_json(f"{proxy.url}/session/{pinned['static-1']}/url", timeout=20)
+    assert status == 500 and "unavailable (down: " in body["value"]["message"]
+    assert proxy.backend("static-1")["requests_total"] == sent
+    fake.mode = "ok"
+    wait_for(lambda: proxy.backend("static-1")["state"] == "up", 15, what="backend back up")
+    status, _, headers = http_json(f"{proxy.url}/session/{pinned['static-1']}/url")
+    assert status == 200 and headers["X-Stickyproxy-Backend"] == "static-1"
 
 
 @pytest.mark.parametrize("payload", [NEW, W3C_NEW], ids=["jsonwp", "w3c-bridged"])
