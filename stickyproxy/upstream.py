@@ -105,7 +105,10 @@ class _Reader:
         if not body:
             return  # an empty piece is no end: next_chunk's b"" means the end
         conn = self.conn
-        conn._chunks.append(body)
+        if conn._buffered:
+            conn._chunks.append(body)
+        else:  # nothing held: the usual whole body, kept without touching the deque
+            conn._first = body
         conn._buffered += len(body)
         if conn._buffered > _HIGH_WATER and not conn._paused:
             conn._paused = True
@@ -130,7 +133,7 @@ _MOST_READERS = 256  # kept free at most: as many as answers are ever read at on
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "_reader", "status", "forward", "length", "chunked", "keep_alive",
-                 "_head", "_chunks", "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock",
+                 "_head", "_first", "_chunks", "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock",
                  "_paused", "lost", "_loop", "received", "idle_since", "_callback", "_ready",
                  "_pool", "_replay", "_awaited")
 
@@ -142,7 +145,8 @@ class _Connection(asyncio.Protocol):
         self._quickack = False
         self._sock = None
         self._reader: _Reader | None = None  # while an answer is being read
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes] = deque()  # the body's pieces after `_first`, while held
+        self._buffered = 0
         self.idle_since = 0.0  # loop time it went back to the pool
         self._pool: Upstream | None = None  # set by the pool that sends on it
         self._reset()
@@ -155,8 +159,10 @@ class _Connection(asyncio.Protocol):
         self.chunked = False
         self.keep_alive = False
         self._head: asyncio.Future | None = None
-        self._chunks.clear()  # (one deque for the connection's life: no allocation per answer)
-        self._buffered = 0
+        self._first: bytes | None = None  # the oldest piece of the body held
+        if self._buffered:  # (the deque, another cold object, only when it may hold any)
+            self._chunks.clear()
+            self._buffered = 0
         self._done = False
         self._waiter: asyncio.Future | None = None
         self._exc: BaseException | None = None
@@ -293,8 +299,12 @@ class _Connection(asyncio.Protocol):
     async def next_chunk(self) -> bytes:
         """The next piece of the body, b"" at its end."""
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
+            if self._buffered:
+                chunk = self._first
+                if chunk is None:
+                    chunk = self._chunks.popleft()
+                else:
+                    self._first = None
                 self._buffered -= len(chunk)
                 if self._paused and self._buffered < _HIGH_WATER // 2:
                     self._paused = False
@@ -391,10 +401,11 @@ class Response:
         """The whole body if it has all arrived already (no await needed), else None."""
         conn = self._conn
         if conn._done and conn._exc is None:
-            chunks = conn._chunks
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()
-            conn._buffered = 0
+            data = conn._first
+            if data is None or len(data) != conn._buffered:  # not in one piece
+                data = b"".join([data or b"", *conn._chunks])
+                conn._chunks.clear()
+            conn._first, conn._buffered = None, 0
             if conn._paused:
                 conn._paused = False
                 conn.transport.resume_reading()
@@ -456,12 +467,14 @@ class Deadlines:
                 self._arm(loop, later)
 
 
-class Upstream:
-    """The bounded set of connections to one backend."""
+class Upstream(Slots):
+    """The bounded set of connections to one backend. It is its own Slots (the bound on
+    requests in flight) and keeps its warmest idle connection apart from the rest: with many
+    backends each is a cold object, and a command touches the fewest (the hot fields first)."""
 
-    __slots__ = ("host", "port", "base_path", "_base", "ssl", "unix_socket", "host_header",
-                 "limit", "_slots", "_idle", "in_use", "opened_total", "stale_total", "_clock",
-                 "_deadlines", "_outbox")
+    __slots__ = ("_top", "in_use", "_deadlines", "_clock", "_outbox", "_base", "host_header",
+                 "_idle", "limit", "host", "port", "base_path", "ssl", "unix_socket",
+                 "opened_total", "stale_total")
 
     def __init__(self, url: str, limit: int, unix_socket: str | None = None,
                  deadlines: Deadlines | None = None, outbox: Outbox | None = None) -> None:
@@ -474,8 +487,9 @@ class Upstream:
         self.unix_socket = unix_socket
         self.host_header = parts.netloc.encode()
         self.limit = limit
-        self._slots = Slots(limit)
-        self._idle: list[_Connection] = []
+        Slots.__init__(self, limit)
+        self._top: _Connection | None = None  # the idle connection used last (the warmest)
+        self._idle: list[_Connection] = []  # the other idle ones, the oldest first
         self.in_use = 0
         self.opened_total = 0
         self.stale_total = 0  # replay_stale requests sent again after a reused connection broke
@@ -521,11 +535,10 @@ class Upstream:
         """
         head = self.head(method, target, headers, len(body) if body else 0)
         data = head + body if body else head
-        slots = self._slots
-        if slots.free > 0:  # inline: a coroutine call costs ~1 us
-            slots.free -= 1
+        if self.free > 0:  # inline: a coroutine call costs ~1 us
+            self.free -= 1
         else:
-            await slots.acquire()
+            await self.acquire()
         conn = None
         try:
             conn = self._warm_connection() if replay_stale else self._idle_connection()
@@ -557,7 +570,7 @@ class Upstream:
                     raise
                 return Response(conn, self)
         except BaseException:
-            self._slots.release()
+            self.release()
             raise
 
     def submit(self, method: str, target: str, headers: bytes, body: bytes | None,
@@ -570,12 +583,11 @@ class Upstream:
         keeps `request`'s rule: NotConnected is still the proof that the backend never saw it."""
         head = self.head(method, target, headers, len(body) if body else 0)
         data = head + body if body else head
-        slots = self._slots
-        if slots.free > 0:
-            slots.free -= 1
+        if self.free > 0:
+            self.free -= 1
             self._submit(data, timeout, callback, connect_timeout, replay_stale)
         else:
-            slots.enqueue(partial(self._submit, data, timeout, callback, connect_timeout,
+            self.enqueue(partial(self._submit, data, timeout, callback, connect_timeout,
                                   replay_stale))
 
     def _submit(self, data: bytes, timeout: float, callback, connect_timeout: float,
@@ -595,7 +607,7 @@ class Upstream:
         try:
             conn = await self._open(connect_timeout)
         except NotConnected as exc:
-            self._slots.release()
+            self.release()
             callback(None, exc)
             return
         self._start(conn, data, timeout, callback)
@@ -610,16 +622,16 @@ class Upstream:
     def _warm_connection(self) -> _Connection | None:
         """An idle connection answered within the last WARM seconds, or None: none answered
         lately, so a fresh connection, whose refusal is proof."""
-        idle = self._idle
-        if idle and idle[-1].idle_since < idle[-1]._loop.time() - WARM:
+        top = self._top
+        if top is not None and top.idle_since < top._loop.time() - WARM:
             return None
         return self._idle_connection()
 
     def _idle_connection(self) -> _Connection | None:
         """The most recently used idle connection still open (LIFO: the warmest), or None."""
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
+        while (conn := self._top) is not None:
+            idle = self._idle
+            self._top = idle.pop() if idle else None
             if not conn.lost and not conn.transport.is_closing():
                 return conn
         return None
@@ -639,7 +651,7 @@ class Upstream:
             data, timeout, connect_timeout = replay
             conn._loop.create_task(self._open_and_submit(data, timeout, callback, connect_timeout))
             return
-        self._slots.release()
+        self.release()
         callback(None, exc)
 
     async def check(self, target: str, timeout: float) -> tuple[int, bytes]:
@@ -659,16 +671,27 @@ class Upstream:
     def _give_back(self, conn: _Connection) -> None:
         self.in_use -= 1
         if (conn._done and conn.keep_alive and not conn.lost  # reusable
-                and not conn.transport.is_closing() and len(self._idle) < self.limit):
-            conn.idle_since = conn._loop.time()
-            self._idle.append(conn)
+                and not conn.transport.is_closing()):
+            top = self._top
+            if top is None:
+                conn.idle_since = conn._loop.time()
+                self._top = conn
+            elif len(self._idle) + 1 < self.limit:
+                conn.idle_since = conn._loop.time()
+                self._idle.append(top)
+                self._top = conn
+            else:
+                conn.transport.close()
         else:
             conn.transport.close()
-        self._slots.release()
+        self.release()
 
     def close(self) -> None:
         """Close the idle connections. Answers still awaited keep their deadlines: the shared
         timer stays armed while any is pending (a removed backend that hangs still times out)."""
+        if self._top is not None:
+            self._top.transport.close()
+            self._top = None
         for conn in self._idle:
             conn.transport.close()
         self._idle.clear()

@@ -187,7 +187,7 @@ async def test_a_backend_that_sends_half_an_answer_times_out():
         try:
             with pytest.raises(TimeoutError):
                 await upstream.request("GET", "/", [], None, timeout=0.2)
-            assert upstream.in_use == 0 and upstream._slots.free == 1  # nothing held
+            assert upstream.in_use == 0 and upstream.free == 1  # nothing held
         finally:
             upstream.close()
 
@@ -225,7 +225,7 @@ async def test_each_request_times_out_on_its_own_deadline_under_one_shared_timer
             answer.release()
             await asyncio.wait_for(asyncio.gather(slow, short), 5)  # each one fires at all
             assert 0.3 <= ended["short"] < 1.0 <= 1.2 <= ended["slow"] < 3
-            assert upstream.in_use == 0 and upstream._slots.free == 3 and not upstream._deadlines
+            assert upstream.in_use == 0 and upstream.free == 3 and not upstream._deadlines
         finally:
             upstream.close()
 
@@ -275,7 +275,7 @@ async def test_a_reused_connection_that_breaks_unanswered_is_replaced_by_a_fresh
             # Without replay_stale the same break is the caller's error (it may have been seen).
             with pytest.raises(UpstreamError):
                 await new_session(upstream, via, replay_stale=False)
-            assert upstream.in_use == 0 and upstream._slots.free == 2
+            assert upstream.in_use == 0 and upstream.free == 2
         finally:
             upstream.close()
 
@@ -291,7 +291,7 @@ async def test_a_replayed_new_session_whose_backend_is_gone_is_not_connected(via
             with pytest.raises(NotConnected):
                 await new_session(upstream, via)
             assert upstream.stale_total == 1 and upstream.in_use == 0
-            assert upstream._slots.free == 2
+            assert upstream.free == 2
         finally:
             upstream.close()
 
@@ -337,7 +337,7 @@ async def test_an_answer_awaited_when_the_pool_is_closed_still_times_out():
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(waiting, 5)
         assert loop.time() - began < 2  # its own deadline, not wait_for's 5 s
-        assert upstream.in_use == 0 and upstream._slots.free == 1
+        assert upstream.in_use == 0 and upstream.free == 1
 
 
 # --- submit: a request answered through a callback (the command path) -----------------------
@@ -375,7 +375,7 @@ async def test_submitted_requests_wait_for_slots_in_order_and_reuse_connections(
         try:
             for path in ("/slow", "/a", "/b", "/c", "/d"):  # 2 slots: three wait in line
                 upstream.submit("GET", path, b"", None, 5, answers)
-            assert upstream._slots.free == 0 and len(upstream._slots._waiters) == 3
+            assert upstream.free == 0 and len(upstream._waiters) == 3
             got = []
             for _ in range(5):
                 answer, exc = await answers.next()
@@ -384,7 +384,7 @@ async def test_submitted_requests_wait_for_slots_in_order_and_reuse_connections(
                 answer.release()  # hands the slot (and the connection) to the next in line
             assert got == [b"/a", b"/b", b"/c", b"/d", b"/slow"]  # waiters in order behind /a
             assert upstream.opened_total == 2  # the line reused the two connections
-            assert upstream.in_use == 0 and upstream._slots.free == 2 and not upstream._deadlines
+            assert upstream.in_use == 0 and upstream.free == 2 and not upstream._deadlines
         finally:
             upstream.close()
 
@@ -397,7 +397,7 @@ async def test_a_submitted_request_to_a_refused_port_is_not_connected():
     upstream.submit("GET", "/a", b"", None, 5, answers)
     answer, exc = await answers.next()
     assert answer is None and isinstance(exc, NotConnected)
-    assert upstream.in_use == 0 and upstream._slots.free == 1
+    assert upstream.in_use == 0 and upstream.free == 1
 
 
 async def test_a_submitted_request_times_out_or_breaks_and_frees_its_slot():
@@ -423,7 +423,7 @@ async def test_a_submitted_request_times_out_or_breaks_and_frees_its_slot():
             upstream.submit("GET", "/break", b"", None, 5, answers)
             answer, exc = await answers.next()  # half a body, then the connection is gone
             assert answer is None and isinstance(exc, UpstreamError)
-            assert upstream.in_use == 0 and upstream._slots.free == 1 and not upstream._deadlines
+            assert upstream.in_use == 0 and upstream.free == 1 and not upstream._deadlines
         finally:
             upstream.close()
 
@@ -536,7 +536,7 @@ async def test_bytes_nobody_asked_for_close_an_idle_connection():
         try:
             assert await body_of(upstream, "/a") == b"/a"
             await asyncio.wait_for(sent.wait(), 5)
-            await eventually(lambda: not upstream._idle or upstream._idle[-1].lost, timeout=5,
+            await eventually(lambda: upstream._top is None or upstream._top.lost, timeout=5,
                              what="the idle connection closed")
             assert await body_of(upstream, "/b") == b"/b"
             assert upstream.opened_total == 2
@@ -578,3 +578,55 @@ async def test_answers_split_over_segments_on_two_connections_at_once_each_read_
         finally:
             upstream.close()
             other.close()
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(piece), piece) for piece in pieces)
+
+
+async def test_body_pieces_come_out_in_order_however_they_arrive_and_are_taken():
+    """The first piece held is kept apart from the rest (upstream._Connection._first): pieces
+    taken one by one, some while more arrive, and a sized body in three segments, keep their
+    order."""
+    go = asyncio.Event()
+
+    async def serve(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.split()[1] == b"/sized":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+                for piece in (b"ab", b"cd", b"ef"):
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+                    writer.write(piece)
+                await writer.drain()
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + chunked(b"a", b"b", b"c"))
+            for batch in (chunked(b"d", b"e"), chunked(b"f") + b"0\r\n\r\n"):
+                await writer.drain()
+                await go.wait()
+                go.clear()
+                writer.write(batch)
+            await writer.drain()
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        try:
+            answer = await upstream.request("GET", "/chunked", [], None, timeout=5)
+            chunks = answer.chunks()
+            got = [await anext(chunks)]
+            await eventually(lambda: answer._conn._buffered == 2, timeout=5, what="b, c held")
+            go.set()  # d, e arrive while b and c are held
+            await eventually(lambda: answer._conn._buffered == 4, timeout=5, what="d, e held")
+            got += [await anext(chunks) for _ in range(4)]
+            go.set()  # f arrives with nothing held
+            got += [piece async for piece in chunks]
+            assert got == [b"a", b"b", b"c", b"d", b"e", b"f"]
+            answer.release()
+            answer = await upstream.request("GET", "/sized", [], None, timeout=5)
+            assert answer.ready_body() == b"abcdef"
+            answer.release()
+            assert upstream.opened_total == 1
+        finally:
+            upstream.close()
