@@ -133,9 +133,9 @@ _MOST_READERS = 256  # kept free at most: as many as answers are ever read at on
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "_reader", "status", "forward", "length", "chunked", "keep_alive",
-                 "_head", "_first", "_chunks", "_buffered", "_done", "_waiter", "_exc", "_quickack", "_sock",
-                 "_paused", "lost", "_loop", "received", "idle_since", "_callback", "_ready",
-                 "_pool", "_replay", "_awaited")
+                 "_head", "_first", "_chunks", "_buffered", "_done", "_waiter", "_exc",
+                 "_quickack", "_sock", "_paused", "lost", "_loop", "received", "idle_since",
+                 "_callback", "_ready", "_pool", "_replay", "_awaited")
 
     def __init__(self) -> None:
         # Kept once: on 3.11 every get_running_loop() costs a getpid() syscall.
