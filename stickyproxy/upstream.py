@@ -94,6 +94,8 @@ class _Reader:
     def on_headers_complete(self) -> None:
         conn = self.conn
         conn.status = self.parser.get_status_code()
+        if conn.status < 200:
+            return  # interim (100 Continue, 103 Early Hints): on_message_complete skips it
         if conn.length is not None and conn.length <= WHOLE:
             # Answered whole once its body is here: GhostDriver sends its head and body in
             # separate segments, and waking the waiting handler for each cost a task step more
@@ -118,6 +120,12 @@ class _Reader:
 
     def on_message_complete(self) -> None:
         conn = self.conn
+        if conn.status < 200:
+            # An interim answer, which a client must read past (RFC 9110 15.2) though it asked
+            # for none: the real one follows on the same connection.
+            conn.status, conn.forward, conn.length, conn.chunked = 0, b"", None, False
+            conn._awaited = True
+            return
         conn.keep_alive = self.parser.should_keep_alive()  # (llhttp forgets it after this call)
         conn._done = True
         conn._ready = True
@@ -197,13 +205,15 @@ class _Connection(asyncio.Protocol):
             reader.conn = self
         try:
             reader.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._drop_reader()  # its parser is spent
             self.transport.close()
             if not self._done:
                 why = exc.__context__  # (a callback's own error, as httptools wraps it)
-                self._fail(why if isinstance(why, UpstreamError)
-                           else UpstreamError(f"backend sent a malformed HTTP response: {exc}"))
+                self._fail(why if isinstance(why, UpstreamError) else UpstreamError(
+                    "backend switched protocols, which no request asked for"
+                    if isinstance(exc, httptools.HttpParserUpgrade)
+                    else f"backend sent a malformed HTTP response: {exc}"))
                 return
             # bytes after a whole answer: the answer stands, the connection is not reused
         else:
@@ -623,6 +633,9 @@ class Upstream(Slots):
         """An idle connection answered within the last WARM seconds, or None: none answered
         lately, so a fresh connection, whose refusal is proof."""
         top = self._top
+        while top is not None and (top.lost or top.transport.is_closing()):
+            idle = self._idle  # (closed while idle: the next one is what the rule is about)
+            self._top = top = idle.pop() if idle else None
         if top is not None and top.idle_since < top._loop.time() - WARM:
             return None
         return self._idle_connection()
@@ -672,6 +685,9 @@ class Upstream(Slots):
         self.in_use -= 1
         if (conn._done and conn.keep_alive and not conn.lost  # reusable
                 and not conn.transport.is_closing()):
+            if conn._paused:  # a long body released unread: what follows must be read
+                conn._paused = False
+                conn.transport.resume_reading()
             top = self._top
             if top is None:
                 conn.idle_since = conn._loop.time()

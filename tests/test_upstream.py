@@ -356,7 +356,8 @@ class Answers:
 
 
 def numbered_answers():
-    """A keep-alive backend answering each request with its path, the slowest (/slow) last."""
+    """A keep-alive backend answering each request with its path, the slowest (/slow) last;
+    it closes the connection shortly after answering /bye (idle in the pool by then)."""
     async def serve(reader, writer):
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -365,6 +366,9 @@ def numbered_answers():
                 await asyncio.sleep(0.1)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(path), path))
             await writer.drain()
+            if path == b"/bye":
+                await asyncio.sleep(0.05)
+                return
     return serve
 
 
@@ -628,5 +632,94 @@ async def test_body_pieces_come_out_in_order_however_they_arrive_and_are_taken()
             assert answer.ready_body() == b"abcdef"
             answer.release()
             assert upstream.opened_total == 1
+        finally:
+            upstream.close()
+
+
+async def test_a_long_body_released_unread_leaves_its_connection_readable():
+    """A body over the high-water mark pauses reading; if the whole of it is in and the answer
+    is released unread (a client that left mid-stream), the connection goes back to the pool
+    reading again, or the next answer on it is never read."""
+    big = b"x" * (upstream_module._HIGH_WATER + 200_000)
+
+    async def serve(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = big if head.split()[1] == b"/big" else b"ok"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            await writer.drain()
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        try:
+            answer = await upstream.request("GET", "/big", [], None, timeout=5)
+            await eventually(lambda: answer._conn._done, timeout=5, what="the whole body in")
+            assert answer._conn._paused  # (the case: whole, and paused)
+            answer.release()
+            assert await body_of(upstream, "/small") == b"ok"
+            assert upstream.opened_total == 1
+        finally:
+            upstream.close()
+
+
+@pytest.mark.parametrize("via", ["request", "submit"])
+async def test_interim_answers_are_read_past(via):
+    async def serve(reader, writer):
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)  # the interim answer alone first, as a backend would
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Real: yes\r\n\r\nok")
+            await writer.drain()
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        try:
+            for _ in range(2):  # and the connection stays usable
+                answer = await new_session(upstream, via, replay_stale=False)
+                assert answer.status == 200 and answer.ready_body() == b"ok"
+                assert answer.forward == b"X-Real: yes\r\n"
+                answer.release()
+            assert upstream.opened_total == 1
+        finally:
+            upstream.close()
+
+
+async def test_a_backend_that_switches_protocols_unasked_fails_at_once():
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with backend(serve) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=1)
+        loop = asyncio.get_running_loop()
+        try:
+            began = loop.time()
+            with pytest.raises(UpstreamError, match="switched protocols"):
+                await new_session(upstream, "submit", replay_stale=False)
+            assert loop.time() - began < 2  # not at its 5 s deadline
+            assert upstream.in_use == 0 and upstream.free == 1
+        finally:
+            upstream.close()
+
+
+async def test_the_warm_rule_looks_past_an_idle_connection_that_closed(monkeypatch):
+    """A new session reuses a connection only if it was answered lately: when the warmest idle
+    one has closed, the rule applies to the next one, not to the closed one's time."""
+    monkeypatch.setattr(upstream_module, "WARM", 0.2)
+    async with backend(numbered_answers()) as port:
+        upstream = Upstream(f"http://127.0.0.1:{port}", limit=2)
+        try:
+            await asyncio.gather(body_of(upstream, "/slow"), body_of(upstream, "/quick"))
+            assert upstream.opened_total == 2
+            await asyncio.sleep(0.3)  # both idle longer than WARM
+            await body_of(upstream, "/bye")  # the warmest one answers, then closes
+            await eventually(lambda: upstream._top.lost, timeout=5, what="it closed")
+            (await new_session(upstream, "submit")).release()
+            assert upstream.opened_total == 3  # the other one is cold: a fresh connection
         finally:
             upstream.close()
