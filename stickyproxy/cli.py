@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stickyproxy: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, settings.log_format, sys.stderr)
-    from .server import serve  # aiohttp loads only when serving
+    from .server import CannotListen, serve  # aiohttp loads only when serving
 
     try:
         import uvloop
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(serve(settings))
         else:
             asyncio.run(serve(settings))
-    except (PhantomJSNotFound, NoCgroup, config.ConfigError) as exc:
+    except (PhantomJSNotFound, NoCgroup, config.ConfigError, CannotListen) as exc:
         print(f"stickyproxy: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # the Docker provider's DockerUnavailable / ImageUnavailable

@@ -8,8 +8,10 @@ Every background task is named and owned here, and cancelled and awaited on the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -205,13 +207,15 @@ class Server:
                         self.metrics, s.access_log)
         self._port = proxy.make_port(app, idle_timeout=s.client_idle_timeout,
                                      max_header_size=s.max_header_size, outbox=self.outbox)
-        self.addresses["listen"] = await self._port.start(*s.listen)
+        with _listening("--listen", s.listen):
+            self.addresses["listen"] = await self._port.start(*s.listen)
         runner = web.AppRunner(stats.make_app(self.snapshot, self, self.metrics), access_log=None,
                                handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, *s.stats_listen, reuse_address=True)
-        await site.start()
         self._runners.append(runner)
+        site = web.TCPSite(runner, *s.stats_listen, reuse_address=True)
+        with _listening("--stats-listen", s.stats_listen):
+            await site.start()
         self.addresses["stats"] = runner.addresses[0][:2]
         for provider in self.providers:
             task = asyncio.get_running_loop().create_task(provider.run(self.pool),
@@ -271,6 +275,20 @@ def load_users(path: str) -> dict[str, str]:
 def _report_crash(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("PROVIDER_FAILED task=%s", task.get_name(), exc_info=task.exception())
+
+
+class CannotListen(Exception):
+    """A port to serve on could not be opened (taken, or an address not of this host)."""
+
+
+@contextlib.contextmanager
+def _listening(option: str, address: tuple[str, int]):
+    try:
+        yield
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # (uvloop's text is longer)
+        raise CannotListen(f"cannot listen on {address[0]}:{address[1]} ({option}): {why}"
+                           ) from None
 
 
 async def serve(settings: Settings, ready=None) -> None:

@@ -81,3 +81,21 @@ def test_the_readme_table_is_the_generated_one():
     from pathlib import Path
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert config.option_table() in readme
+
+
+@pytest.mark.parametrize("taken", ["--listen", "--stats-listen"])
+def test_cli_exits_2_when_a_port_is_taken_and_says_which(taken):
+    import socket
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        busy = f"127.0.0.1:{holder.getsockname()[1]}"
+        ports = {"--listen": "127.0.0.1:0", "--stats-listen": "127.0.0.1:0", taken: busy}
+        run = subprocess.run([sys.executable, "-m", "stickyproxy", "serve",
+                              "--backend", "http://127.0.0.1:9", *sum(ports.items(), ())],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        holder.close()
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"cannot listen on {busy} ({taken}): Address already in use" in run.stderr
