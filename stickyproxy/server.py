@@ -287,8 +287,8 @@ def _listening(option: str, address: tuple[str, int]):
         yield
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)  # (uvloop's text is longer)
-        raise CannotListen(f"cannot listen on {address[0]}:{address[1]} ({option}): {why}"
-                           ) from None
+        where = f"{address[0]}:{address[1]} ({option})"
+        raise CannotListen(f"cannot listen on {where}: {why}") from None
 
 
 async def serve(settings: Settings, ready=None) -> None:

@@ -1,5 +1,8 @@
 """upstream.py: the per-backend connection limit (asyncio only) and how answers are read
-(over a real loopback socket)."""
+(over a real loopback socket). The backends here are small asyncio servers written for each
+case, because the cases are answers no real WebDriver server sends on purpose: split at given
+points, malformed, interim, unasked, cut off or hanging (the *_functional tests drive the same
+client against real PhantomJS)."""
 
 from __future__ import annotations
 
