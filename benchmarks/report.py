@@ -365,17 +365,17 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
             for r in ref:
                 h = r["haproxy"]
-                for name, m in (("haproxy", h), ("python-floor", r.get("python-floor")), (SP, r)):
-                    if m is None:
+                for name, p in (("haproxy", h), ("python-floor", r.get("python-floor")), (SP, r)):
+                    if p is None:
                         continue
-                    if "error" in m:
-                        L.append(f"| {r['backends']:,} | {name} | error: {_one(m['error'])} |||||")
+                    if "error" in p:
+                        L.append(f"| {r['backends']:,} | {name} | error: {_one(p['error'])} |||||")
                         continue
-                    first = ref[0] if m is r else ref[0].get(name, {})
-                    L.append(f"| {r['backends']:,} | {name} | {m['rps']:.0f} | {m['cpu_us_per_request']}{_us_split(m)} | "
-                             f"{_rx(_ratio(m['cpu_us_per_request'], first.get('cpu_us_per_request')))} | "
-                             f"{_f(m.get('upstream_acks_per_request'), 2)} | "
-                             f"{_rx(_ratio(m['cpu_us_per_request'], h.get('cpu_us_per_request')))} |")
+                    first = ref[0] if p is r else ref[0].get(name, {})
+                    L.append(f"| {r['backends']:,} | {name} | {p['rps']:.0f} | {p['cpu_us_per_request']}{_us_split(p)} | "
+                             f"{_rx(_ratio(p['cpu_us_per_request'], first.get('cpu_us_per_request')))} | "
+                             f"{_f(p.get('upstream_acks_per_request'), 2)} | "
+                             f"{_rx(_ratio(p['cpu_us_per_request'], h.get('cpu_us_per_request')))} |")
             L.append("")
     rs = results.get("restarts")
     if rs:

@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     log(f"wrote {out / (stamp + '.json')} and .md")
     if write_results and not res["meta"].get("interrupted"):
+        # The JSON beside the table lets the table be checked (and re-rendered) from the numbers.
+        (HERE / "RESULTS.json").write_text(json.dumps(res, indent=1) + "\n")
         (HERE / "RESULTS.md").write_text(md)
-        log("replaced benchmarks/RESULTS.md")
+        log("replaced benchmarks/RESULTS.md and RESULTS.json")
     return 1 if res["meta"].get("interrupted") else 0
 
 
