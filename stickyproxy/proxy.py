@@ -521,8 +521,8 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
     """A new session the callback way could not finish: placed (queued for a slot when the
     pool is full), sent, retried elsewhere only when the backend never saw it, pinned. It
     starts from what `_new_session_now` did: the request read (`new`), a backend reserved
-    (`backend_id`), or an attempt already under way or failed (`attempt`, sent to `sent_to`:
-    its answer counts even if that backend was removed since)."""
+    (`backend_id`), or an attempt already under way or failed (`attempt`, sent to `sent_to`,
+    kept here because the pool may have dropped it since: `_pin` then refuses the session)."""
     pool, queue = app.pool, app.queue
     if new is None:
         try:
@@ -717,6 +717,14 @@ def _pin(request: Request, app: App, backend: Backend, answer: Response, data: b
         log.warning('SESSION_NOT_CREATED backend=%s reason="answer has no session id"', backend.id)
         raise WebDriverError.session_not_created(
             f"backend {backend.id} answered the new session without a session id")
+    if app.pool.backends.get(backend.id) is not backend:
+        # Removed after the request went out (an answer read in pieces resumes a tick later):
+        # its sessions were all ended then, so pinning this one would route it to nothing.
+        backend.errors_total += 1
+        log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="backend removed while '
+                    'it created the session; left on it"', backend.id, sid)
+        raise WebDriverError.session_not_created(
+            f"backend {backend.id} was removed while it created this session")
     now = time.monotonic()
     owner = request.principal
     public = sid
