@@ -20,6 +20,7 @@ that the HAProxy config adds), exact for live peaks; stickyproxy's /stats totals
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -164,6 +165,59 @@ def run(stack: Stack, *, page_url: str, concurrencies, warmup: float, duration: 
             stack, name, c, page_url=page_url, warmup=warmup, duration=duration, sp_extra=sp_extra or [], log=log),
             failed={"concurrency": c})
     return cells
+
+
+PAIRED = ("stickyproxy", "haproxy-close", "direct")
+
+
+def paired(stack: Stack, *, page_url: str, concurrencies, warmup: float, duration: float,
+           sp_extra=None, rounds: int = 4, log=print) -> list[dict]:
+    """stickyproxy beside HAProxy's best variant and beside no proxy, in short rounds of the
+    three back to back, the order reversed every other round (A B C, C B A, ...): per target,
+    the median over rounds of stickyproxy's sessions/s over the other's in the same round.
+
+    Two rounds of one cell in `run` are a minute apart and differ by up to 20% with the
+    machine, more than the margins the targets ask about; runs seconds apart share most of
+    that drift, so their ratio keeps less of it, and a median of several such ratios keeps
+    less still."""
+    out = []
+    for c in concurrencies:
+        runs: dict[str, list[dict]] = {n: [] for n in PAIRED}
+        for rnd in range(rounds):
+            for name in PAIRED if rnd % 2 == 0 else PAIRED[::-1]:
+                try:
+                    r = run_cell(stack, name, c, page_url=page_url, warmup=warmup, duration=duration,
+                                 sp_extra=sp_extra or [], log=log)
+                    log(f"[e2e paired] C={c} round {rnd + 1} {name}: {r['sessions_per_s']} sessions/s, "
+                        f"failed {r['failed']}, proxy cpu ms/session {r['cpu_ms_per_session'].get('proxy')}")
+                except Exception as e:  # a run that cannot run is a result, not a crash
+                    r = {"error": f"{type(e).__name__}: {e}"}
+                    log(f"[e2e paired] C={c} round {rnd + 1} {name}: ERROR {r['error']}")
+                runs[name].append(r)
+        out.append(paired_row(c, duration, runs))
+    return out
+
+
+def paired_row(concurrency: int, duration: float, runs: dict[str, list[dict]]) -> dict:
+    """The paired figures of one concurrency from its runs (lists in round order per contender);
+    a round where either run failed to run gives no ratio."""
+    sp = runs[PAIRED[0]]
+    row: dict = {"concurrency": concurrency, "rounds": len(sp), "window_s": duration,
+                 "sessions_per_s": {n: [r.get("sessions_per_s") for r in rs] for n, rs in runs.items()},
+                 "failed": {n: sum(r["failed"] for r in rs if "error" not in r) for n, rs in runs.items()},
+                 "errors": [f"{n} round {i + 1}: {r['error']}" for n, rs in runs.items()
+                            for i, r in enumerate(rs) if "error" in r]}
+    for other, key in ((PAIRED[1], "vs_haproxy"), (PAIRED[2], "vs_direct")):
+        pairs = [(a, b) for a, b in zip(sp, runs[other]) if "error" not in a and "error" not in b]
+        if not pairs:
+            continue
+        rate = [a["sessions_per_s"] / max(b["sessions_per_s"], 1e-9) for a, b in pairs]
+        row[key] = {"ratio": round(statistics.median(rate), 3), "ratios": [round(x, 3) for x in rate]}
+        if other == PAIRED[1]:
+            cpu = [a["cpu_ms_per_session"]["proxy"] / max(b["cpu_ms_per_session"]["proxy"], 1e-9)
+                   for a, b in pairs]
+            row[key]["cpu_ratio"] = round(statistics.median(cpu), 3)
+    return row
 
 
 def alternate(contenders, rounds: int, tag: str, log, run_one, failed: dict | None = None) -> list[dict]:

@@ -37,6 +37,16 @@ def best_haproxy(cells: dict, conc: int) -> tuple[str | None, dict | None]:
     return best or (None, None)
 
 
+def _paired_measure(pair: dict | None, ratio: float | None, measured: str,
+                    beside: str) -> tuple[float | None, str]:
+    """A target's ratio: the paired one where the run has it (the drift between rounds a minute
+    apart cancelled), quoting the main table's beside it."""
+    if not pair:
+        return ratio, measured
+    return pair["ratio"], (f"x{pair['ratio']:.3f} beside {beside}, rounds seconds apart (rounds "
+                           f"{', '.join(map(str, pair['ratios']))}); main table: {measured}")
+
+
 def targets(results: dict) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) rows."""
     out = []
@@ -45,17 +55,21 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
     def verdict(ok: bool, miss: str) -> str:
         return "met" if ok else f"missed by {miss}"
 
+    paired = {row["concurrency"]: row for row in results.get("e2e_paired") or []}
     for conc in (8, 16):
         sp = cells.get((SP, conc))
         hname, h = best_haproxy(cells, conc)
         d = cells.get(("direct", conc))
+        pair = paired.get(conc, {})
         if not sp or "error" in sp:
             if sp:
                 out.append((f"C={conc}: stickyproxy runs", sp["error"], "missed"))
             continue
         if h:
             r = _ratio(sp["sessions_per_s"], h["sessions_per_s"])
-            out.append((f"C={conc}: sessions/s >= 1.0x HAProxy best ({hname})", f"{r:.3f}x" if r else "-",
+            measured = f"{r:.3f}x" if r else "-"
+            r, measured = _paired_measure(pair.get("vs_haproxy"), r, measured, "haproxy-close")
+            out.append((f"C={conc}: sessions/s >= 1.0x HAProxy best ({hname})", measured,
                         verdict(r is not None and r >= 1.0, f"{(1 - (r or 0)) * 100:.1f}%")))
             cp, ch = sp["cpu_ms_per_session"].get("proxy"), h["cpu_ms_per_session"].get("proxy")
             r2 = _ratio(cp, ch)
@@ -64,10 +78,12 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                         verdict(r2 is not None and r2 <= 2.0, f"{_f(cp - 2 * ch, 2)} ms ({_rx(r2)} vs 2x)" if r2 else "?")))
         if d and "error" not in d:
             r = _ratio(sp["sessions_per_s"], d["sessions_per_s"])
-            out.append((f"C={conc}: sessions/s >= 0.95x no proxy", _rx(r),
+            r, measured = _paired_measure(pair.get("vs_direct"), r, _rx(r), "no proxy")
+            out.append((f"C={conc}: sessions/s >= 0.95x no proxy", measured,
                         verdict(r is not None and r >= 0.95, f"{(0.95 - (r or 0)) * 100:.1f} points")))
-        out.append((f"C={conc}: zero failures", str(sp["failed"]),
-                    verdict(sp["failed"] == 0 and not sp.get("hung_workers"), f"{sp['failed']} failed")))
+        failed = sp["failed"] + pair.get("failed", {}).get(SP, 0)  # the paired runs' too
+        out.append((f"C={conc}: zero failures", str(failed) + (" (main table and paired runs)" if pair else ""),
+                    verdict(failed == 0 and not sp.get("hung_workers"), f"{failed} failed")))
         s = sp.get("spread")
         out.append((f"C={conc}: spread peak/mean live sessions <= 1.1",
                     f"{_f(s, 2)} (peaks {_peaks(sp)}; worst/fair {_f(sp.get('worst_vs_fair'), 2)})", verdict(s is not None and s <= 1.1, f"{_f(s - 1.1 if s else None, 2)}")))
@@ -290,6 +306,32 @@ def markdown(results: dict) -> str:
                 L.append(f"| {conc} | {n} | " + " | ".join(
                     f"{_f(lat[k]['p50_ms'], 2)} / {_f(lat[k]['p99_ms'], 1)}"
                     for k in ("new_session", "url", "title", "elements", "execute", "quit")) + " |")
+        L.append("")
+    pr = results.get("e2e_paired")
+    if pr:
+        L += ["Paired, for the targets: the two rounds of a cell above are a minute apart, and the "
+              "machine moves a cell by up to 20% in that time, more than the targets' margins. So "
+              f"stickyproxy, haproxy-close and direct ran again back to back, {m.get('e2e_paired_rounds')} "
+              f"rounds of {m.get('e2e_paired_window_s')} s each (after {m.get('e2e_warmup_s')} s warm-up, "
+              "PhantomJS restarted before every run), the order reversed every other round. A ratio is "
+              "stickyproxy's sessions/s over the other's in the same round; the figure is the median "
+              "of the rounds' ratios. The proxy CPU ratio is taken the same way.", "",
+              "| C | stickyproxy sessions/s per round | haproxy-close | direct | x HAProxy (paired) | "
+              "x direct (paired) | proxy CPU x HAProxy (paired) | failed |",
+              "|---|---|---|---|---|---|---|---|"]
+        for row in pr:
+            per = row["sessions_per_s"]
+            vh, vd = row.get("vs_haproxy"), row.get("vs_direct")
+            L.append(f"| {row['concurrency']} | " + " | ".join(
+                ", ".join("error" if x is None else f"{x:.0f}" for x in per.get(n, []))
+                for n in ("stickyproxy", "haproxy-close", "direct")) + " | "
+                + (f"x{vh['ratio']:.3f} ({', '.join(map(str, vh['ratios']))})" if vh else "-") + " | "
+                + (f"x{vd['ratio']:.3f} ({', '.join(map(str, vd['ratios']))})" if vd else "-") + " | "
+                + (f"x{vh['cpu_ratio']:.2f}" if vh else "-") + " | "
+                + ", ".join(f"{n} {v}" for n, v in row["failed"].items()) + " |")
+        errs = [e for row in pr for e in row.get("errors", [])]
+        if errs:
+            L += ["", "Paired runs that failed to run: " + "; ".join(_one(e) for e in errs)]
         L.append("")
     oh = results.get("overhead")
     if oh:

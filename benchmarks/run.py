@@ -60,7 +60,7 @@ def machine(stack: Stack | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="about 6 minutes: shorter cells, C=8 and 16, up to 10,000 sessions")
+    ap.add_argument("--quick", action="store_true", help="about 7 minutes: shorter cells, C=8 and 16, up to 10,000 sessions")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {','.join(PARTS)}")
     ap.add_argument("--contenders", default=None,
                     help=f"end-to-end contenders (default {','.join(e2e.CONTENDERS)}; quick: {','.join(QUICK)})")
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=None, help="seconds measured per end-to-end round (8; quick 5)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="end-to-end rounds per cell, alternating the contenders' order (2; quick 1)")
+    ap.add_argument("--paired-rounds", type=int, default=None,
+                    help="rounds of stickyproxy, HAProxy's best and no proxy back to back at C=8 and 16, "
+                         "for the targets' ratios (4; quick 2; 0 skips)")
     ap.add_argument("--stickyproxy-ref", default="HEAD",
                     help="git ref of stickyproxy to run, snapshotted by git archive (default HEAD); "
                          "'worktree' runs the working tree as it is")
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     window = a.window or (5.0 if quick else 8.0)
     rounds = a.rounds or (1 if quick else 2)
     warmup = 1.0 if quick else 2.0
+    paired_rounds = a.paired_rounds if a.paired_rounds is not None else (2 if quick else 4)
+    paired_window = 4.0 if quick else 6.0
     wrk_s = 2.0 if quick else 5.0
     restart_window = 12.0 if quick else 30.0
     docker_window = 6.0 if quick else 10.0
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res["meta"] = {**machine(stack), "started_utc": started.strftime("%Y-%m-%d %H:%M:%S"),
                        "command": cmd.strip(), "quick": quick, "e2e_window_s": window, "e2e_rounds": rounds,
-                       "e2e_warmup_s": warmup, "wrk_s": wrk_s, "restarts_window_s": restart_window,
+                       "e2e_warmup_s": warmup, "e2e_paired_rounds": paired_rounds,
+                       "e2e_paired_window_s": paired_window, "wrk_s": wrk_s, "restarts_window_s": restart_window,
                        "docker_window_s": docker_window, "scale_backend_sessions": 1_000,
                        "sp_args": a.sp_arg, "stickyproxy_commit": sp_commit}
         log(f"load {os.getloadavg()[0]:.2f}; temp dir {stack.tmp}")
@@ -126,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                                  concurrencies=conc, warmup=warmup, duration=window,
                                  contenders=[c for c in (a.contenders or ",".join(QUICK if quick else e2e.CONTENDERS)).split(",") if c],
                                  sp_extra=a.sp_arg, rounds=rounds, log=log)
+            target_concs = [c for c in conc if c in (8, 16)]  # where the targets are set
+            if paired_rounds and target_concs:
+                res["e2e_paired"] = e2e.paired(stack, page_url=page_url, concurrencies=target_concs,
+                                               warmup=warmup, duration=paired_window,
+                                               sp_extra=a.sp_arg, rounds=paired_rounds, log=log)
             load["e2e"] = {"loadavg_before": round(before, 2), **share.result()}
         if "overhead" in parts:
             before, share = os.getloadavg()[0], MachineShare()

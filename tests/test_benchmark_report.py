@@ -26,3 +26,32 @@ def test_every_part_states_its_measuring_window():
     meta = json.loads((BENCH / "RESULTS.json").read_text())["meta"]
     assert f"for one {meta['restarts_window_s']} s window" in md
     assert f"{meta['e2e_rounds']} round(s) of {meta['docker_window_s']} s each" in md
+
+
+def _run(sessions_per_s, proxy_cpu, failed=0):
+    return {"sessions_per_s": sessions_per_s, "failed": failed,
+            "cpu_ms_per_session": {"proxy": proxy_cpu}}
+
+
+def test_paired_ratios_are_medians_within_rounds_and_skip_rounds_that_did_not_run():
+    from benchmarks.e2e import paired_row
+
+    row = paired_row(8, 6.0, {
+        "stickyproxy": [_run(150, 1.2), _run(160, 1.3), {"error": "RuntimeError: no client"},
+                        _run(155, 1.25, failed=2)],
+        "haproxy-close": [_run(150, 1.0), _run(150, 1.0), _run(140, 1.0), _run(170, 1.0)],
+        "direct": [_run(170, 0), _run(175, 0), _run(160, 0), _run(165, 0)]})
+    assert row["vs_haproxy"]["ratios"] == [1.0, 1.067, 0.912]  # round 3 has no stickyproxy run
+    assert row["vs_haproxy"]["ratio"] == 1.0 and row["vs_haproxy"]["cpu_ratio"] == 1.25
+    assert row["vs_direct"]["ratio"] == 0.914
+    assert row["failed"]["stickyproxy"] == 2
+    assert row["errors"] == ["stickyproxy round 3: RuntimeError: no client"]
+    # The targets read the paired ratios, and count the paired runs' failures.
+    cells = [{"contender": n, "concurrency": 8, "sessions_per_s": sps, "failed": 0,
+              "cpu_ms_per_session": {"proxy": 1.0}, "spread": 1.0, "live_peak": {}}
+             for n, sps in (("stickyproxy", 140.0), ("haproxy-close", 150.0), ("direct", 170.0))]
+    results = {"e2e": cells, "e2e_paired": [row]}
+    verdicts = {t: (m, v) for t, m, v in report.targets(results)}
+    assert verdicts["C=8: sessions/s >= 1.0x HAProxy best (haproxy-close)"][1] == "met"
+    assert verdicts["C=8: sessions/s >= 0.95x no proxy"][1] == "missed by 3.6 points"
+    assert verdicts["C=8: zero failures"][1] == "missed by 2 failed"
