@@ -78,6 +78,10 @@ class Pool:
         self.on_removed: list[Listener] = []
         self.on_capacity: list[Callable[[], None]] = []  # a slot may have freed: wake the queue
         self._index = LoadIndex()  # who takes new sessions, by load: kept by _sync
+        # Reservations held on backends since removed, by id: their releases are theirs, not
+        # those of a backend re-added under the same id (a new address), whose count they
+        # would otherwise take below its own.
+        self._released_elsewhere: dict[str, int] = {}
         sessions.on_count.append(self._sync_id)
 
     def get(self, backend_id: str) -> Backend | None:
@@ -184,10 +188,17 @@ class Pool:
         return backend_id
 
     def release(self, backend_id: str) -> None:
-        backend = self.backends.get(backend_id)
-        if backend is not None:
-            backend.pending -= 1
-            self._sync(backend)
+        stale = self._released_elsewhere.get(backend_id)
+        if stale:  # (by id, so one reserved before a re-add is known only by this count)
+            if stale == 1:
+                del self._released_elsewhere[backend_id]
+            else:
+                self._released_elsewhere[backend_id] = stale - 1
+        else:
+            backend = self.backends.get(backend_id)
+            if backend is not None:
+                backend.pending -= 1
+                self._sync(backend)
         self.capacity_changed()
 
     def _load(self, backend_id: str) -> int | None:
@@ -245,6 +256,9 @@ class Pool:
         if backend is None:
             return
         backend.serving = False
+        if backend.pending:
+            self._released_elsewhere[backend_id] = (
+                self._released_elsewhere.get(backend_id, 0) + backend.pending)
         self._index.set(backend_id, None)
         if self.by_route.get(route_of(backend.spec.url)) == backend_id:
             del self.by_route[route_of(backend.spec.url)]

@@ -1,9 +1,11 @@
 """backends.Pool without sockets: its placement index stays what a scan of the pool would find,
-and each backend's `serving` what its health and membership say, whatever happens to sessions,
-checks, drains and membership."""
+each backend's `serving` what its health and membership say, and its reservations its own
+(released by id, even after a move re-added its id), whatever happens to sessions, checks, drains
+and membership."""
 
 from __future__ import annotations
 
+import collections
 import random
 import time
 
@@ -53,12 +55,12 @@ def test_the_index_matches_a_scan_whatever_the_pool_goes_through():
             picked = pool.pick(None, tried)
             if candidates:
                 assert candidates[picked] == min(candidates.values()), step
-                pending.append(picked)
+                pending.append((picked, pool.backends[picked]))
             else:
                 assert picked is None, step
         elif op < 0.55 and pending:
-            backend_id = pending.pop(rng.randrange(len(pending)))
-            if rng.random() < 0.7 and backend_id in pool.backends:  # the session was created
+            backend_id, reserved_on = pending.pop(rng.randrange(len(pending)))
+            if rng.random() < 0.7 and pool.backends.get(backend_id) is reserved_on:  # created
                 n += 1
                 pool.sessions.pin(Session(f"s{n}", backend_id, "", now, now))
                 live.append(f"s{n}")
@@ -77,13 +79,23 @@ def test_the_index_matches_a_scan_whatever_the_pool_goes_through():
         elif op < 0.96:
             pool.lost(rng.choice(sorted(pool.backends)), "exited")
             live = [s for s in live if pool.sessions.get(s)]
-        else:  # a backend leaves or comes back
+        else:  # a backend leaves, comes back, or moves (removed and re-added under its id)
             ids = rng.sample(range(8), 6)
-            pool.publish("static", [BackendSpec(f"static-{i}", f"http://127.0.0.1:{9000 + i}",
+            pool.publish("static", [BackendSpec(f"static-{i}", f"http://127.0.0.1:{9000 + i + 100 * rng.randrange(2)}",
                                                 "static") for i in ids])
             live = [s for s in live if pool.sessions.get(s)]
-            pending = [b for b in pending if b in pool.backends]
+            # A reservation outlives its backend: its holder releases it by id all the same.
         assert pool._index._load == _scan(pool), step
+        # Reservations are released by id, so one made before a move may free the slot of one
+        # made after it first; each id's count stays exact, and a backend never counts fewer
+        # than it holds (placement may be cautious for a moment, never over the cap).
+        held = collections.Counter(backend_id for backend_id, _ in pending)
+        stale = pool._released_elsewhere
+        for backend_id in held.keys() | stale.keys() | pool.backends.keys():
+            b = pool.backends.get(backend_id)
+            assert (b.pending if b else 0) + stale.get(backend_id, 0) == held[backend_id], step
+            if b is not None:
+                assert b.pending >= sum(1 for _, on in pending if on is b), (step, b.id)
         seen.update(pool)
         members = set(pool)
         for b in seen:  # the mirror a command reads instead of the Health object
