@@ -718,8 +718,9 @@ def _pin(request: Request, app: App, backend: Backend, answer: Response, data: b
         raise WebDriverError.session_not_created(
             f"backend {backend.id} answered the new session without a session id")
     if app.pool.backends.get(backend.id) is not backend:
-        # Removed after the request went out (an answer read in pieces resumes a tick later):
-        # its sessions were all ended then, so pinning this one would route it to nothing.
+        # Removed (or re-added at a new address) while the request was out: removal ends
+        # its sessions and leaves answers in flight to arrive, so this one would be pinned to
+        # a backend that is gone. Like the sessions removal ended, it is not deleted there.
         backend.errors_total += 1
         log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="backend removed while '
                     'it created the session; left on it"', backend.id, sid)

@@ -1,6 +1,5 @@
 """proxy.py's handlers in process, for what sockets cannot stage: a bug of ours raising in the
-middle of a handler, and a backend removed in the one tick between a new session's answer and its
-pinning. Everything but the request and the backend's connection is real."""
+middle of a handler, and a backend removed while a new session's request is out. Everything but the request and the backend's connection is real."""
 
 from __future__ import annotations
 
@@ -59,38 +58,76 @@ async def test_a_bug_after_placement_gives_the_reservation_back(payload):
 class Answer:
     """A new-session answer from GhostDriver, as upstream.py hands it over (whole, read)."""
     status, forward, released = 200, b"Content-Type: application/json\r\n", False
+    body = b'{"sessionId": "s1", "status": 0, "value": {}}'
+    length = len(body)
+
+    def ready_body(self) -> bytes:
+        return self.body
 
     def release(self) -> None:
         self.released = True
 
 
-@pytest.mark.parametrize("removed", [False, True], ids=["kept", "removed"])
-async def test_a_backend_removed_before_its_new_session_answer_is_read_pins_nothing(removed):
-    """The hand-over's window: an answer read in pieces finishes in `_new_session` a tick after
-    the attempt, and the pool may drop its backend in between (which ends that backend's
-    sessions). The session must then be refused, not pinned to a backend that is gone."""
+class Client:
+    """The client's side of the request: what `_answer` sends it."""
+    gone = sent = False
+    method, path = "POST", "/session"
+
+    def send(self, status, headers, body, close=False) -> None:
+        self.sent = (status, json.loads(body))
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("path", ["callback", "coroutine"])
+@pytest.mark.parametrize("change", [None, "removed", "moved"])
+async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no_session(
+        path, change):
+    """The answer of a new session is pinned when it is all here: in `_new_session_answered`
+    (the usual callback) or, for one read in pieces, in `_new_session` a tick later. The pool
+    may drop the backend before either (its sessions all ended then), or re-add its id at a new
+    address: the session must be refused, not pinned to a backend that is gone, and the
+    reservation given back without touching the new backend's."""
     sessions = SessionTable()
     pool = Pool(1, 1, sessions)
     pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static")])
     backend = pool.backends["b1"]
     pool.record_check(backend, CheckResult(True, "ok", "ok"))
-    app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, queue=None,
-                                life=types.SimpleNamespace(consider=lambda *a: None))
+    app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, queue=None, access_log=False,
+                                life=types.SimpleNamespace(consider=lambda *a: None),
+                                metrics=types.SimpleNamespace(observe=lambda *a: None))
     request = new_session_request(app, {"desiredCapabilities": {}})
+    client = Client()
+    for name in ("gone", "sent", "send", "finish", "method", "path"):
+        setattr(request, name, getattr(client, name))
     new = proxy._new_session_request(request, request.body.whole())
     assert pool.pick(None) == "b1"  # the reservation the attempt holds
     answer = Answer()
-    attempt = asyncio.get_running_loop().create_future()
-    attempt.set_result((answer, b'{"sessionId": "s1", "status": 0, "value": {}}'))
-    if removed:
+    if change == "removed":
         pool.publish("static", [])
-    coro = proxy._new_session(request, app, new, "b1", attempt=attempt, sent_to=backend)
-    if removed:
-        with pytest.raises(proxy.WebDriverError, match="b1 was removed while it created"):
-            await coro
-        assert sessions.get("s1") is None and backend.errors_total == 1
+    elif change == "moved":
+        pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:10", "static")])
+        pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
+    if path == "callback":
+        proxy._new_session_answered(request, app, new, backend, 0.0, answer, None)
+        status, body = client.sent
     else:
-        reply = await coro
-        assert reply.status == 200 and sessions.get("s1").backend_id == "b1"
-        assert backend.pending == 0
+        attempt = asyncio.get_running_loop().create_future()
+        attempt.set_result((answer, answer.body))
+        try:
+            reply = await proxy._new_session(request, app, new, "b1", attempt=attempt,
+                                             sent_to=backend)
+            status, body = reply.status, json.loads(reply.body)
+        except proxy.WebDriverError as err:
+            status, body = err.status, {"value": {"error": err.error, "message": err.message}}
     assert answer.released
+    if change is None:
+        assert status == 200 and body["sessionId"] == "s1"
+        assert sessions.get("s1").backend_id == "b1"
+    else:
+        assert status == 500 and body["value"]["error"] == "session not created", body
+        assert "b1 was removed while it created" in body["value"]["message"]
+        assert sessions.get("s1") is None and backend.errors_total == 1
+    assert all(b.pending == 0 for b in pool)  # the reservation back, the new backend's untouched
+    assert not pool._released_elsewhere
