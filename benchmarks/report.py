@@ -55,12 +55,12 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
     def verdict(ok: bool, miss: str) -> str:
         return "met" if ok else f"missed by {miss}"
 
-    paired = {row["concurrency"]: row for row in results.get("e2e_paired") or []}
+    e2e_pairs = {row["concurrency"]: row for row in results.get("e2e_paired") or []}
     for conc in (8, 16):
         sp = cells.get((SP, conc))
         hname, h = best_haproxy(cells, conc)
         d = cells.get(("direct", conc))
-        pair = paired.get(conc, {})
+        pair = e2e_pairs.get(conc, {})
         if not sp or "error" in sp:
             if sp:
                 out.append((f"C={conc}: stickyproxy runs", sp["error"], "missed"))
@@ -68,7 +68,8 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
         if h:
             r = _ratio(sp["sessions_per_s"], h["sessions_per_s"])
             measured = f"{r:.3f}x" if r else "-"
-            r, measured = _paired_measure(pair.get("vs_haproxy"), r, measured, "haproxy-close")
+            if hname == "haproxy-close":  # the variant the paired runs ran beside
+                r, measured = _paired_measure(pair.get("vs_haproxy"), r, measured, hname)
             out.append((f"C={conc}: sessions/s >= 1.0x HAProxy best ({hname})", measured,
                         verdict(r is not None and r >= 1.0, f"{(1 - (r or 0)) * 100:.1f}%")))
             cp, ch = sp["cpu_ms_per_session"].get("proxy"), h["cpu_ms_per_session"].get("proxy")
@@ -327,7 +328,7 @@ def markdown(results: dict) -> str:
                 for n in ("stickyproxy", "haproxy-close", "direct")) + " | "
                 + (f"x{vh['ratio']:.3f} ({', '.join(map(str, vh['ratios']))})" if vh else "-") + " | "
                 + (f"x{vd['ratio']:.3f} ({', '.join(map(str, vd['ratios']))})" if vd else "-") + " | "
-                + (f"x{vh['cpu_ratio']:.2f}" if vh else "-") + " | "
+                + (f"x{vh['cpu_ratio']:.2f}" if vh and vh.get("cpu_ratio") else "-") + " | "
                 + ", ".join(f"{n} {v}" for n, v in row["failed"].items()) + " |")
         errs = [e for row in pr for e in row.get("errors", [])]
         if errs:

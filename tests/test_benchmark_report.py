@@ -10,6 +10,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from benchmarks import report
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -43,9 +45,14 @@ def test_paired_ratios_are_medians_within_rounds_and_skip_rounds_that_did_not_ru
         "direct": [_run(170, 0), _run(175, 0), _run(160, 0), _run(165, 0)]})
     assert row["vs_haproxy"]["ratios"] == [1.0, 1.067, 0.912]  # round 3 has no stickyproxy run
     assert row["vs_haproxy"]["ratio"] == 1.0 and row["vs_haproxy"]["cpu_ratio"] == 1.25
-    assert row["vs_direct"]["ratio"] == 0.914
+    assert row["vs_direct"]["ratio"] == pytest.approx(0.914, abs=5e-4)  # kept unrounded
     assert row["failed"]["stickyproxy"] == 2
     assert row["errors"] == ["stickyproxy round 3: RuntimeError: no client"]
+    # A run that completed nothing gives its round no ratio (it would swamp the median).
+    stalled = paired_row(8, 6.0, {"stickyproxy": [_run(150, 1.2), _run(150, 1.2)],
+                                  "haproxy-close": [_run(0, 0), _run(140, 1.0)],
+                                  "direct": [_run(170, 0), _run(0, 0)]})
+    assert stalled["vs_haproxy"]["ratios"] == [1.071] and stalled["vs_direct"]["ratios"] == [0.882]
     # The targets read the paired ratios, and count the paired runs' failures.
     cells = [{"contender": n, "concurrency": 8, "sessions_per_s": sps, "failed": 0,
               "cpu_ms_per_session": {"proxy": 1.0}, "spread": 1.0, "live_peak": {}}
