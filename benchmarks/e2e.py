@@ -172,14 +172,13 @@ PAIRED = ("stickyproxy", "haproxy-close", "direct")
 
 def paired(stack: Stack, *, page_url: str, concurrencies, warmup: float, duration: float,
            sp_extra=None, rounds: int = 4, log=print) -> list[dict]:
-    """stickyproxy beside HAProxy's best variant and beside no proxy, in short rounds of the
-    three back to back, the order reversed every other round (A B C, C B A, ...): per target,
-    the median over rounds of stickyproxy's sessions/s over the other's in the same round.
+    """More rounds of stickyproxy, HAProxy's best variant and no proxy, back to back, the order
+    reversed every other round (A B C, C B A, ...), for the targets' ratios.
 
-    Two rounds of one cell in `run` are a minute apart and differ by up to 20% with the
-    machine, more than the margins the targets ask about; runs seconds apart share most of
-    that drift, so their ratio keeps less of it, and a median of several such ratios keeps
-    less still."""
+    One run of a cell differs from the next by 10-20% on this machine, whichever the contender
+    (no proxy too) and however close in time: more than the targets' margins, and more than
+    the main table's two rounds can average out. The report pools these runs with the main
+    table's (sessions over seconds) and shows each round's own ratio beside it."""
     out = []
     for c in concurrencies:
         runs: dict[str, list[dict]] = {n: [] for n in PAIRED}
@@ -199,8 +198,9 @@ def paired(stack: Stack, *, page_url: str, concurrencies, warmup: float, duratio
 
 
 def paired_row(concurrency: int, duration: float, runs: dict[str, list[dict]]) -> dict:
-    """The paired figures of one concurrency from its runs (lists in round order per contender);
-    a round where either run failed to run gives no ratio."""
+    """The extra rounds of one concurrency from its runs (lists in round order per contender):
+    each contender's sessions/s per round, and each round's own ratios (a round where either
+    run failed to run, or completed nothing, gives none)."""
     sp = runs[PAIRED[0]]
     row: dict = {"concurrency": concurrency, "rounds": len(sp), "window_s": duration,
                  "sessions_per_s": {n: [r.get("sessions_per_s") for r in rs] for n, rs in runs.items()},

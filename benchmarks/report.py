@@ -37,14 +37,35 @@ def best_haproxy(cells: dict, conc: int) -> tuple[str | None, dict | None]:
     return best or (None, None)
 
 
-def _paired_measure(pair: dict | None, ratio: float | None, measured: str,
-                    beside: str) -> tuple[float | None, str]:
-    """A target's ratio: the paired one where the run has it (the drift between rounds a minute
-    apart cancelled), quoting the main table's beside it."""
-    if not pair:
+def _pooled(cell: dict | None, runs: list | None, window: float | None) -> tuple[float | None, int]:
+    """A contender's sessions/s over all its runs at one concurrency, and how many: the main
+    table's rounds and the extra rounds run back to back after it (`e2e_paired`)."""
+    sessions = seconds = 0.0
+    n = 0
+    if cell and "error" not in cell:
+        sessions, seconds, n = cell["sessions"], cell["window_s"], cell.get("rounds", 1)
+    for x in runs or []:
+        if x is not None and window:
+            sessions, seconds, n = sessions + x * window, seconds + window, n + 1
+    return (sessions / seconds if seconds else None), n
+
+
+def _all_runs(sp: dict, other: dict | None, pair: dict, name: str, key: str,
+              ratio: float | None, measured: str) -> tuple[float | None, str]:
+    """A target's end-to-end ratio: over all the runs of the two when the extra rounds ran,
+    with the spread of single rounds beside it (the noise one run carries); else the table's."""
+    if not pair or name not in pair.get("sessions_per_s", {}):
         return ratio, measured
-    return pair["ratio"], (f"x{pair['ratio']:.3f} beside {beside}, rounds seconds apart (rounds "
-                           f"{', '.join(map(str, pair['ratios']))}); main table: {measured}")
+    per, window = pair["sessions_per_s"], pair["window_s"]
+    a, n = _pooled(sp, per[SP], window)
+    b, _ = _pooled(other, per[name], window)
+    r = _ratio(a, b)
+    if r is None:
+        return ratio, measured
+    rounds = pair.get(key, {}).get("ratios") or []
+    spread = f"; one round alone read {min(rounds)}-{max(rounds)}" if rounds else ""
+    return r, (f"{r:.3f}x over all {n} runs of each ({measured} in the main table, then "
+               f"{len(per[SP])} rounds back to back{spread})")
 
 
 def targets(results: dict) -> list[tuple[str, str, str]]:
@@ -69,7 +90,7 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
             r = _ratio(sp["sessions_per_s"], h["sessions_per_s"])
             measured = f"{r:.3f}x" if r else "-"
             if hname == "haproxy-close":  # the variant the paired runs ran beside
-                r, measured = _paired_measure(pair.get("vs_haproxy"), r, measured, hname)
+                r, measured = _all_runs(sp, h, pair, hname, "vs_haproxy", r, measured)
             out.append((f"C={conc}: sessions/s >= 1.0x HAProxy best ({hname})", measured,
                         verdict(r is not None and r >= 1.0, f"{(1 - (r or 0)) * 100:.1f}%")))
             cp, ch = sp["cpu_ms_per_session"].get("proxy"), h["cpu_ms_per_session"].get("proxy")
@@ -79,11 +100,11 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                         verdict(r2 is not None and r2 <= 2.0, f"{_f(cp - 2 * ch, 2)} ms ({_rx(r2)} vs 2x)" if r2 else "?")))
         if d and "error" not in d:
             r = _ratio(sp["sessions_per_s"], d["sessions_per_s"])
-            r, measured = _paired_measure(pair.get("vs_direct"), r, _rx(r), "no proxy")
+            r, measured = _all_runs(sp, d, pair, "direct", "vs_direct", r, _rx(r))
             out.append((f"C={conc}: sessions/s >= 0.95x no proxy", measured,
                         verdict(r is not None and r >= 0.95, f"{(0.95 - (r or 0)) * 100:.1f} points")))
-        failed = sp["failed"] + pair.get("failed", {}).get(SP, 0)  # the paired runs' too
-        out.append((f"C={conc}: zero failures", str(failed) + (" (main table and paired runs)" if pair else ""),
+        failed = sp["failed"] + pair.get("failed", {}).get(SP, 0)  # the extra rounds' too
+        out.append((f"C={conc}: zero failures", str(failed) + (" (main table and extra rounds)" if pair else ""),
                     verdict(failed == 0 and not sp.get("hung_workers"), f"{failed} failed")))
         s = sp.get("spread")
         out.append((f"C={conc}: spread peak/mean live sessions <= 1.1",
@@ -310,29 +331,37 @@ def markdown(results: dict) -> str:
         L.append("")
     pr = results.get("e2e_paired")
     if pr:
-        L += ["Paired, for the targets: the two rounds of a cell above are a minute apart, and the "
-              "machine moves a cell by up to 20% in that time, more than the targets' margins. So "
-              f"stickyproxy, haproxy-close and direct ran again back to back, {m.get('e2e_paired_rounds')} "
-              f"rounds of {m.get('e2e_paired_window_s')} s each (after {m.get('e2e_warmup_s')} s warm-up, "
-              "PhantomJS restarted before every run), the order reversed every other round. A ratio is "
-              "stickyproxy's sessions/s over the other's in the same round; the figure is the median "
-              "of the rounds' ratios. The proxy CPU ratio is taken the same way.", "",
-              "| C | stickyproxy sessions/s per round | haproxy-close | direct | x HAProxy (paired) | "
-              "x direct (paired) | proxy CPU x HAProxy (paired) | failed |",
+        cells = _cells(results)
+        L += ["More rounds, for the targets: one run of a cell differs from the next by 10-20%, "
+              "whichever the contender (no proxy too) and however close in time, more than the "
+              "targets' margins. So stickyproxy, haproxy-close and direct ran "
+              f"{m.get('e2e_paired_rounds')} more rounds of {m.get('e2e_paired_window_s')} s each "
+              f"(after {m.get('e2e_warmup_s')} s warm-up, PhantomJS restarted before every run), back to "
+              "back, the order reversed every other round. The targets' ratios are over all the runs "
+              "of each, these and the main table's (sessions over seconds); a round's own ratio, "
+              "stickyproxy's sessions/s over the other's in the same round, shows what one run alone "
+              "can read. The proxy CPU ratio is the median of the rounds'.", "",
+              "| C | stickyproxy sessions/s per round | haproxy-close | direct | x HAProxy, all runs "
+              "(each round's) | x direct, all runs (each round's) | proxy CPU x HAProxy | failed |",
               "|---|---|---|---|---|---|---|---|"]
         for row in pr:
-            per = row["sessions_per_s"]
-            vh, vd = row.get("vs_haproxy"), row.get("vs_direct")
-            L.append(f"| {row['concurrency']} | " + " | ".join(
+            per, conc, window = row["sessions_per_s"], row["concurrency"], row["window_s"]
+            sp_all, _ = _pooled(cells.get((SP, conc)), per.get(SP), window)
+
+            def versus(name: str, key: str) -> str:
+                other, _ = _pooled(cells.get((name, conc)), per.get(name), window)
+                r, rounds = _ratio(sp_all, other), (row.get(key) or {}).get("ratios")
+                return f"{_rx(r)}" + (f" ({', '.join(map(str, rounds))})" if rounds else "")
+            vh = row.get("vs_haproxy") or {}
+            L.append(f"| {conc} | " + " | ".join(
                 ", ".join("error" if x is None else f"{x:.0f}" for x in per.get(n, []))
                 for n in ("stickyproxy", "haproxy-close", "direct")) + " | "
-                + (f"x{vh['ratio']:.3f} ({', '.join(map(str, vh['ratios']))})" if vh else "-") + " | "
-                + (f"x{vd['ratio']:.3f} ({', '.join(map(str, vd['ratios']))})" if vd else "-") + " | "
-                + (f"x{vh['cpu_ratio']:.2f}" if vh and vh.get("cpu_ratio") else "-") + " | "
+                + versus("haproxy-close", "vs_haproxy") + " | " + versus("direct", "vs_direct") + " | "
+                + (f"x{vh['cpu_ratio']:.2f}" if vh.get("cpu_ratio") else "-") + " | "
                 + ", ".join(f"{n} {v}" for n, v in row["failed"].items()) + " |")
         errs = [e for row in pr for e in row.get("errors", [])]
         if errs:
-            L += ["", "Paired runs that failed to run: " + "; ".join(_one(e) for e in errs)]
+            L += ["", "Extra rounds that failed to run: " + "; ".join(_one(e) for e in errs)]
         L.append("")
     oh = results.get("overhead")
     if oh:

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None,
                     help="end-to-end rounds per cell, alternating the contenders' order (2; quick 1)")
     ap.add_argument("--paired-rounds", type=int, default=None,
-                    help="rounds of stickyproxy, HAProxy's best and no proxy back to back at C=8 and 16, "
-                         "for the targets' ratios (4; quick 2; 0 skips)")
+                    help="more rounds of stickyproxy, HAProxy's best and no proxy back to back at C=8 "
+                         "and 16, pooled with the main table's for the targets' ratios (4; quick 2; 0 skips)")
     ap.add_argument("--stickyproxy-ref", default="HEAD",
                     help="git ref of stickyproxy to run, snapshotted by git archive (default HEAD); "
                          "'worktree' runs the working tree as it is")
