@@ -393,8 +393,16 @@ def markdown(results: dict) -> str:
         L.append("")
     sc = results.get("scale")
     if sc:
+        if m.get("scale_paths") == "random":  # (runs before it walked the paths in a stride)
+            walk = "picking at random among"
+            turns = ("a backend's turns come at random, on average 1,000 requests apart, so the "
+                     "slower proxy's waits pass 40 ms more often")
+        else:
+            walk = "walking"
+            turns = ("each connection waits about 1,000 requests between its turns, and the "
+                     "slower proxy waits longer")
         L += ["## 3. Scale of the state (stickyproxy, nginx backends)", "",
-              f"wrk, 64 connections, {m.get('wrk_s')} s, walking up to 10,000 pinned session paths. "
+              f"wrk, 64 connections, {m.get('wrk_s')} s, {walk} up to 10,000 pinned session paths. "
               "Sessions grow on one proxy with 4 backends; each backend count is a fresh proxy with "
               f"{m.get('scale_backend_sessions', 1000):,} sessions (backends from a `--config` TOML file). "
               "Creation rate is 64 concurrent `POST /session` through the proxy. Routing and placement "
@@ -431,8 +439,7 @@ def markdown(results: dict) -> str:
                   "request (the kernel's counters, `ss -ti`, over the proxy's backend connections). A "
                   "backend connection that idles past the kernel's delayed-ACK window (40 ms here) "
                   "between two requests acknowledges the answer with a segment of its own instead of "
-                  "inside the next request; with 1,000 backends each connection waits about 1,000 "
-                  "requests between its turns, and the slower proxy waits longer:", "",
+                  "inside the next request; with 1,000 backends " + turns + ":", "",
                   "| backends | proxy | req/s | CPU us/request (user + kernel) | vs first | pure ACKs/request | CPU x HAProxy |",
                   "|---|---|---|---|---|---|---|"]
             for r in ref:

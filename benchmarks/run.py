@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                        "e2e_warmup_s": warmup, "e2e_paired_rounds": paired_rounds,
                        "e2e_paired_window_s": paired_window, "wrk_s": wrk_s, "restarts_window_s": restart_window,
                        "docker_window_s": docker_window, "scale_backend_sessions": 1_000,
+                       "scale_paths": "random",
                        "sp_args": a.sp_arg, "stickyproxy_commit": sp_commit}
         log(f"load {os.getloadavg()[0]:.2f}; temp dir {stack.tmp}")
         if {"e2e", "restarts", "docker"} & set(parts):  # the page PhantomJS loads (stopped with the rest)

@@ -2,8 +2,8 @@
 (10 -> 1,000 -> 100,000, 4 backends) and as backends grow (4 -> 100 -> 1,000, 1,000 sessions),
 against one nginx worker that answers a unique session id per POST /session ($request_id) and
 listens on up to 1,000 ports. Sessions are added incrementally to one proxy; each backend count
-gets a fresh proxy (backends come from a TOML --config file). wrk at 64 connections walks a sample
-of up to 10,000 pinned session paths, so every point pays the same Lua cost. The machine drifts
+gets a fresh proxy (backends come from a TOML --config file). wrk at 64 connections picks at random
+among a sample of up to 10,000 pinned session paths, so every point pays the same Lua cost. The machine drifts
 more between minutes than the 10% flatness target, so each series keeps a reference proxy in
 its first state alive and measures every point beside it, A B B A A B B A (`Reference`): the
 flatness is the median ratio of the point's CPU per request to the reference's run next to it;
