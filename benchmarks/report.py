@@ -269,7 +269,9 @@ def markdown(results: dict) -> str:
          f"(repo HEAD {m.get('commit', '?')})" + (f", extra args `{' '.join(m['sp_args'])}`" if m.get("sp_args") else ""),
          "- Machine load per part (1-min load average before it; CPU cores busy during it, ours and "
          "other processes'): " + "; ".join(
-             f"{k}: load {v['loadavg_before']}, others {v['others_cores']} cores (ours {v['ours_cores']})"
+             f"{k}: load {v['loadavg_before']}, others {v['others_cores']} cores (ours {v['ours_cores']}"
+             + ("; the containers' processes are outside this run's process tree, so among the "
+                "others" if k == "docker" else "") + ")"
              for k, v in m.get("load", {}).items()) + ". Other engineers share this 2-core machine: "
          "compare ratios within this run, never absolute figures across runs.",
          ""]
