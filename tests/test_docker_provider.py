@@ -176,11 +176,13 @@ def test_bad_settings_are_refused(kwargs):
         DockerProvider(**kwargs)
 
 
-def test_default_image_gets_latest_tag_and_host_command_binds_loopback():
+def test_default_image_gets_latest_tag_and_host_command_binds_loopback_and_logs_little():
     p = DockerProvider(1)
     assert p.image == "wernight/phantomjs:latest"
-    assert render_command(p.command, 5) == ["phantomjs", "--webdriver=127.0.0.1:5"]
-    assert DockerProvider(1, network="grid").command == "phantomjs --webdriver={port}"
+    assert render_command(p.command, 5) == ["phantomjs", "--webdriver=127.0.0.1:5",
+                                            "--webdriver-loglevel=WARN"]
+    assert render_command(DockerProvider(1, network="grid").command, 8910) == [
+        "phantomjs", "--webdriver=8910", "--webdriver-loglevel=WARN"]
     assert DockerProvider(1, image="localhost:5000/pj").image == "localhost:5000/pj:latest"
 
 
