@@ -138,6 +138,14 @@ def test_config_hash_tracks_what_matters():
     for key, value in [("image", "i:2"), ("mem_limit", 2), ("network", "n"), ("restart", "no"),
                        ("command", ["x"])]:
         assert config_hash(**{**base, key: value}) != h, key
+    # Containers a stickyproxy before the WARN default started (INFO) are adopted, not replaced:
+    # replacing them would end every live session at once on an upgrade.
+    for network, old in (("host", "phantomjs --webdriver=127.0.0.1:{port}"),
+                         ("grid", "phantomjs --webdriver={port}")):
+        new = DockerProvider(1, network=network).command
+        assert new != old and "--webdriver-loglevel=WARN" in new
+        assert config_hash(**{**base, "network": network, "command": render_command(new, 0)}) == \
+            config_hash(**{**base, "network": network, "command": render_command(old, 0)})
 
 
 def test_observe_reads_inspect_attributes():

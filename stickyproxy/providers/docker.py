@@ -206,7 +206,11 @@ def spec_for(c: Observed, *, pool: str, network: str, mem_limit: int | None, ima
 
 def config_hash(*, image: str, command: Sequence[str], mem_limit: int | None, network: str,
                 restart: str, init: bool) -> str:
-    blob = json.dumps([image, list(command), mem_limit, network, restart, init], sort_keys=True)
+    """What a running container must match to be adopted; a mismatch replaces it, ending its
+    sessions. GhostDriver's log level is left out: a change of it (as the default's, to WARN)
+    is not worth the live sessions, and the next container started gets it."""
+    command = [arg for arg in command if not arg.startswith("--webdriver-loglevel=")]
+    blob = json.dumps([image, command, mem_limit, network, restart, init], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
