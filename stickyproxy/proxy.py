@@ -454,6 +454,7 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
     A failure, or an answer not all here, goes on in `_new_session`'s loop, which retries
     elsewhere only when the backend provably never saw the request."""
     request.timing.backend += time.perf_counter() - began
+    reserved = True  # the slot pick() reserved, until released or handed on
     try:
         data = None
         if exc is None and answer.length is not None and answer.length <= WHOLE:
@@ -461,6 +462,7 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
         if data is None:
             if request.gone:  # nobody to retry for, or to answer
                 _abandoned(request, app, backend, answer, exc)
+                reserved = False
                 _observe(request, 499)
                 return
             if exc is not None:
@@ -470,6 +472,7 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
                 attempt = asyncio.ensure_future(_rest_of(request, answer))
             request.run(_answer_when_done(request, _new_session(
                 request, app, new, backend.id, attempt=attempt, sent_to=backend)))
+            reserved = False
             return
         try:  # pinned before the reservation is released, so the slot is never handed twice
             if request.gone:  # the client left while the backend created its session
@@ -483,12 +486,15 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
                 reply = error_response(err)
         finally:
             answer.release()
+            reserved = False
             app.pool.release(backend.id)
         if type(reply) is not Reply:  # a bridged session: its setup first, if it has any
             reply = _bridged_new_session(request, app, backend, reply)
         if not _reply_now(request, reply):
             return
     except Exception:
+        if reserved:  # a bug of ours before the slot was released or handed on: not leaked
+            app.pool.release(backend.id)
         _callback_failed(request, answer)
         return
     request.finish()

@@ -131,3 +131,31 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
         assert sessions.get("s1") is None and backend.errors_total == 1
     assert all(b.pending == 0 for b in pool)  # the reservation back, the new backend's untouched
     assert not pool._released_elsewhere
+
+
+class BrokenAnswer(Answer):
+    """An answer whose body cannot be read: stands for a bug of ours in the callback."""
+
+    def ready_body(self) -> bytes:
+        raise RuntimeError("a bug of ours")
+
+
+async def test_a_bug_in_the_new_session_callback_gives_the_reservation_back():
+    sessions = SessionTable()
+    pool = Pool(1, 1, sessions)
+    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static")])
+    backend = pool.backends["b1"]
+    pool.record_check(backend, CheckResult(True, "ok", "ok"))
+    app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, access_log=False,
+                                metrics=types.SimpleNamespace(observe=lambda *a: None))
+    request = new_session_request(app, {"desiredCapabilities": {}})
+    crashed = []
+    request.crashed = lambda: crashed.append(True)  # front.py answers 500, logs HANDLER_FAILED
+    request.method, request.path = "POST", "/session"
+    new = proxy._new_session_request(request, request.body.whole())
+    for _ in range(3):
+        assert pool.pick(None) == "b1"
+        answer = BrokenAnswer()
+        proxy._new_session_answered(request, app, new, backend, 0.0, answer, None)
+        assert answer.released and backend.pending == 0  # placement still sees an empty backend
+    assert len(crashed) == 3
