@@ -58,13 +58,14 @@ def _all_runs(sp: dict, other: dict | None, pair: dict, name: str, key: str,
         return ratio, measured
     per, window = pair["sessions_per_s"], pair["window_s"]
     a, n = _pooled(sp, per[SP], window)
-    b, _ = _pooled(other, per[name], window)
+    b, m = _pooled(other, per[name], window)
     r = _ratio(a, b)
     if r is None:
         return ratio, measured
     rounds = pair.get(key, {}).get("ratios") or []
     spread = f"; one round alone read {min(rounds)}-{max(rounds)}" if rounds else ""
-    return r, (f"{r:.3f}x over all {n} runs of each ({measured} in the main table, then "
+    runs = f"all {n} runs of each" if n == m else f"all runs ({n} of stickyproxy, {m} of {name})"
+    return r, (f"{r:.3f}x over {runs} ({measured} in the main table, then "
                f"{len(per[SP])} rounds back to back{spread})")
 
 

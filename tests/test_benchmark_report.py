@@ -64,8 +64,10 @@ def test_paired_ratios_are_medians_within_rounds_and_skip_rounds_that_did_not_ru
     verdicts = {t: (m, v) for t, m, v in report.targets(results)}
     # stickyproxy (140*16 + (150+160+155)*6) / 34 s against haproxy-close (150*16 + 610*6) / 40 s
     measured, verdict = verdicts["C=8: sessions/s >= 1.0x HAProxy best (haproxy-close)"]
-    assert measured.startswith("0.977x over all 5 runs of each (0.933x in the main table")
+    assert measured.startswith("0.977x over all runs (5 of stickyproxy, 6 of haproxy-close) "
+                               "(0.933x in the main table")
     assert verdict == "missed by 2.3%"
     measured, verdict = verdicts["C=8: sessions/s >= 0.95x no proxy"]
-    assert measured.startswith("0.878x over all 5 runs") and "one round alone read 0.882-0.939" in measured
+    assert measured.startswith("0.878x over all runs (5 of stickyproxy, 6 of direct)")
+    assert "one round alone read 0.882-0.939" in measured
     assert verdicts["C=8: zero failures"] == ("2 (main table and extra rounds)", "missed by 2 failed")
