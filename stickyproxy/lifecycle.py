@@ -83,8 +83,9 @@ class Lifecycle:
         self.recycled_total = 0
         self._deletes: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
-        self._tick = max(0.05, min(1.0, *(t / 4 for t in (settings.session_idle_timeout,
-                                                          settings.session_max_age) if t)))
+        # min() over a tuple: with both limits off (0) there is nothing but the 1 s default
+        self._tick = max(0.05, min((1.0, *(t / 4 for t in (settings.session_idle_timeout,
+                                                           settings.session_max_age) if t))))
 
     # ending sessions
     def end(self, sid: str, reason: EndReason, detail: str = "") -> bool:

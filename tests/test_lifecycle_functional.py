@@ -87,6 +87,19 @@ def test_abandoned_session_is_deleted_on_its_backend_after_the_idle_timeout(
     assert "no command for 1s" in body["value"]["message"]
 
 
+def test_idle_reaping_and_max_age_both_off(stickyproxy, phantomjs):
+    # 0 turns each limit off; with both off the proxy once failed to start at all.
+    phantom = phantomjs()
+    proxy = stickyproxy("--backend", phantom.url, "--session-idle-timeout", "0",
+                        "--session-max-age", "0")
+    wait_up(proxy, 1)
+    sid, _ = new_session(proxy)
+    assert http_json(f"{proxy.url}/session/{sid}/title")[0] == 200
+    assert http_json(f"{proxy.url}/session/{sid}", "DELETE")[0] == 200
+    ended = proxy.stats()["sessions_ended"]
+    assert ended["client_delete"] == 1 and sum(ended.values()) == 1
+
+
 def test_recycling_restarts_every_backend_without_failing_a_session(stickyproxy, pages,
                                                                     selenium3_client):
     proxy = stickyproxy("--local", "2", "--recycle-after-sessions", "3",
