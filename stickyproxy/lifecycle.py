@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,6 +30,67 @@ def expiry(session: Session, now: float, idle_timeout: float,
     if idle_timeout and not session.busy and now - session.last_used >= idle_timeout:
         return EndReason.IDLE, f"no command for {fmt(idle_timeout)}"
     return None
+
+
+def next_look(session: Session, now: float, idle_timeout: float, max_age: float) -> float:
+    """The earliest time `session`, not expired at `now`, can expire. A session busy at `now`
+    is idle from an answer still to come, so not before now + idle_timeout. Its last use only
+    moves later, so this is never late; it is early when the session is used meanwhile."""
+    times = []
+    if max_age:
+        times.append(session.created + max_age)
+    if idle_timeout:
+        times.append((now if session.busy else session.last_used) + idle_timeout)
+    return min(times)
+
+
+class Reaper:
+    """Which sessions have expired, without looking at every session on every tick: a scan of
+    all of them took 11 ms per 100,000 sessions, once a second, and stalled every request behind
+    it. Session ids wait in buckets of `tick` seconds (a timing wheel) for the earliest time they
+    can expire (`next_look`); a session due but used meanwhile goes back for its new earliest
+    time. So each live session is looked at about once per idle timeout however busy it is, and
+    reaped at most one bucket later than the scan would have (so at most two of the loop's
+    ticks). An ended session's id is dropped when its bucket comes."""
+
+    def __init__(self, idle_timeout: float, max_age: float, tick: float) -> None:
+        self.idle_timeout, self.max_age, self.tick = idle_timeout, max_age, tick
+        self.on = bool(idle_timeout or max_age)
+        self._buckets: dict[int, list[str]] = {}
+        self._taken: int | None = None  # the last bucket handed out
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._buckets.values())
+
+    def watch(self, session: Session, now: float) -> None:
+        if self.on:
+            self._add(session.id, next_look(session, now, self.idle_timeout, self.max_age))
+
+    def _add(self, sid: str, at: float) -> None:
+        bucket = math.ceil(at / self.tick)  # a bucket is taken only once all of it is due
+        if self._taken is not None and bucket <= self._taken:
+            bucket = self._taken + 1  # (float rounding; and never into a bucket already taken)
+        self._buckets.setdefault(bucket, []).append(sid)
+
+    def expired(self, live: dict[str, Session], now: float) -> list[tuple[str, EndReason, str]]:
+        """The sessions of `live` to end at `now`, with why; the others due go back."""
+        if not self.on:
+            return []
+        last = math.floor(now / self.tick)
+        due = sorted(b for b in self._buckets if b <= last)
+        self._taken = last if self._taken is None else max(self._taken, last)
+        out = []
+        # (dict.fromkeys: an id pinned twice is looked at once, and goes back once)
+        for sid in dict.fromkeys(sid for b in due for sid in self._buckets.pop(b)):
+            session = live.get(sid)
+            if session is None:
+                continue  # ended meanwhile
+            verdict = expiry(session, now, self.idle_timeout, self.max_age)
+            if verdict:
+                out.append((sid, *verdict))
+            else:
+                self._add(sid, next_look(session, now, self.idle_timeout, self.max_age))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +148,10 @@ class Lifecycle:
         # min() over a tuple: with both limits off (0) there is nothing but the 1 s default
         self._tick = max(0.05, min((1.0, *(t / 4 for t in (settings.session_idle_timeout,
                                                            settings.session_max_age) if t))))
+        self.reaper = Reaper(settings.session_idle_timeout, settings.session_max_age, self._tick)
+        for session in sessions.live.values():
+            self.reaper.watch(session, time.monotonic())
+        sessions.on_pin.append(lambda session: self.reaper.watch(session, time.monotonic()))
 
     # ending sessions
     def end(self, sid: str, reason: EndReason, detail: str = "") -> bool:
@@ -136,13 +202,8 @@ class Lifecycle:
             self._wake.clear()
 
     def reap(self, now: float) -> None:
-        s = self.settings
-        if not (s.session_idle_timeout or s.session_max_age):
-            return
-        for session in list(self.sessions.live.values()):
-            verdict = expiry(session, now, s.session_idle_timeout, s.session_max_age)
-            if verdict:
-                self.end(session.id, *verdict)
+        for sid, reason, detail in self.reaper.expired(self.sessions.live, now):
+            self.end(sid, reason, detail)
 
     def _recycler(self, backend):
         provider = self.providers.get(backend.spec.source)

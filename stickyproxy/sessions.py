@@ -87,6 +87,7 @@ class SessionTable:
     _ended: OrderedDict = field(default_factory=OrderedDict)
     on_end: list = field(default_factory=list)  # callables: a slot freed
     on_count: list = field(default_factory=list)  # callables(backend_id): its live count changed
+    on_pin: list = field(default_factory=list)  # callables(session): a session pinned
 
     def __len__(self) -> int:
         return len(self.live)
@@ -106,6 +107,8 @@ class SessionTable:
         self._ended.pop(session.id, None)
         for listener in self.on_count:
             listener(session.backend_id)
+        for listener in self.on_pin:
+            listener(session)
         log.info("SESSION_%s session=%s backend=%s", "LEARNED" if session.learned else "CREATED",
                  session.id, session.backend_id)
 

@@ -1,6 +1,9 @@
+import random
+
 import pytest
 
-from stickyproxy.lifecycle import Wear, expiry, fmt, may_start_recycling, recycle_reason
+from stickyproxy.lifecycle import (Reaper, Wear, expiry, fmt, may_start_recycling, next_look,
+                                   recycle_reason)
 from stickyproxy.sessions import EndReason, Session
 
 
@@ -108,3 +111,108 @@ async def test_a_provider_that_fails_to_recycle_stops_neither_reaping_nor_the_lo
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+# --- the reaper's timing wheel ---------------------------------------------------------------
+
+
+def test_next_look_is_the_earliest_time_a_session_can_expire():
+    s = session(created=0, last_used=100)
+    assert next_look(s, 150, 300, 0) == 400
+    assert next_look(s, 150, 300, 360) == 360  # its max age comes first
+    assert next_look(s, 150, 0, 360) == 360
+    s.busy = 1  # idle from an answer still to come: not before now + the timeout
+    assert next_look(s, 150, 300, 0) == 450
+
+
+def test_the_reaper_looks_only_at_sessions_due():
+    reaper = Reaper(idle_timeout=10, max_age=0, tick=1)
+    live = {}
+    for i in range(5):
+        live[f"s{i}"] = Session(f"s{i}", "b", "g", created=i, last_used=i)
+        reaper.watch(live[f"s{i}"], now=i)
+    assert reaper.expired(live, 9.5) == []
+    assert [sid for sid, *_ in reaper.expired(live, 11.0)] == ["s0", "s1"]
+    assert len(reaper) == 3  # the others were not taken out to be looked at
+    live["s2"].last_used = 11.5  # used since: goes back for its new earliest time
+    del live["s3"]  # ended by its client: dropped when its bucket comes
+    assert [sid for sid, *_ in reaper.expired(live, 14.0)] == ["s4"]
+    assert len(reaper) == 1
+    assert reaper.expired(live, 21.0) == [] and len(reaper) == 1  # (not quite idle for 10 s)
+    assert reaper.expired(live, 22.0) == [("s2", EndReason.IDLE, "no command for 10s")]
+    assert len(reaper) == 0
+
+
+def test_a_reaper_with_both_limits_off_keeps_nothing():
+    reaper = Reaper(idle_timeout=0, max_age=0, tick=1)
+    s = session()
+    reaper.watch(s, 0)
+    assert len(reaper) == 0 and reaper.expired({"s": s}, 1e9) == []
+
+
+def test_a_session_due_in_a_bucket_already_taken_is_looked_at_on_the_next_tick():
+    reaper = Reaper(idle_timeout=10, max_age=0, tick=1)
+    reaper.expired({}, 50)  # buckets up to 50 taken
+    s = session(created=0, last_used=0)  # (e.g. learned from another replica, long idle)
+    reaper.watch(s, 0)
+    assert reaper.expired({"s": s}, 50.5) == []
+    assert reaper.expired({"s": s}, 51.0)[0][1] is EndReason.IDLE
+
+
+def test_an_id_pinned_twice_is_looked_at_once():
+    reaper = Reaper(idle_timeout=10, max_age=0, tick=1)
+    s = session(created=0, last_used=0)
+    reaper.watch(s, 0)
+    reaper.watch(s, 0)
+    s.last_used = 5
+    assert reaper.expired({"s": s}, 10) == [] and len(reaper) == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_reaper_ends_what_a_full_scan_would_and_at_most_two_ticks_later(seed):
+    """A random walk of sessions pinned, used, busy and ended by their clients, against the full
+    scan it replaced: never an end the scan would not make, none later than two ticks (the
+    bucket, then the loop's own tick), and nothing left behind."""
+    rnd = random.Random(seed)
+    idle, max_age, tick = rnd.choice([(3.0, 0.0, 0.75), (3.0, 7.0, 0.75), (0.0, 5.0, 1.0),
+                                      (1.0, 0.0, 0.25)])
+    reaper = Reaper(idle, max_age, tick)
+    live: dict[str, Session] = {}
+    due_since: dict[str, float] = {}  # when the full scan first found it expired
+    now, n = 100.0 + rnd.random(), 0
+    for _ in range(400):
+        now += rnd.uniform(0, tick)
+        for _ in range(rnd.randrange(3)):
+            n += 1
+            s = Session(f"s{n}", "b", "g", created=now, last_used=now)
+            live[s.id] = s
+            reaper.watch(s, now)
+        # (the sessions the scan would have reaped are left alone: a command in the tick or
+        # two the reaper may be later than the scan keeps a session alive, as it should)
+        waiting = [s for s in live.values() if s.id not in due_since]
+        for s in rnd.sample(waiting, min(len(waiting), rnd.randrange(4))):
+            action = rnd.random()
+            if action < 0.5:
+                s.last_used = now
+            elif action < 0.8:
+                s.busy = 1 - s.busy
+                s.last_used = now
+            else:
+                del live[s.id]  # its client quit it
+        for sid, s in live.items():
+            if expiry(s, now, idle, max_age):
+                due_since.setdefault(sid, now)
+            else:
+                assert sid not in due_since  # expiry is for good: nothing un-expires
+        for sid, reason, _ in reaper.expired(live, now):
+            assert expiry(live[sid], now, idle, max_age)[0] is reason
+            del live[sid]
+            due_since.pop(sid)
+        for sid, since in due_since.items():
+            assert now - since <= 2 * tick, f"{sid} due since {since}, not reaped at {now}"
+    for s in live.values():  # every command answered; then all of them expire, and the
+        s.busy = 0           # wheel is left empty
+        s.last_used = now
+    later = now + max(idle, max_age) + 2 * tick
+    assert {sid for sid, *_ in reaper.expired(live, later)} == set(live)
+    assert len(reaper) == 0
