@@ -82,6 +82,9 @@ class Pool:
         # those of a backend re-added under the same id (a new address), whose count they
         # would otherwise take below its own.
         self._released_elsewhere: dict[str, int] = {}
+        # what removed backends had counted (and errors counted on them after): the totals in
+        # /stats only grow, whatever leaves the pool
+        self.retired_requests_total = self.retired_errors_total = 0
         sessions.on_count.append(self._sync_id)
 
     def get(self, backend_id: str) -> Backend | None:
@@ -120,6 +123,13 @@ class Pool:
             elif not spec.meta.get("gone") and backend.drain_reason.startswith("gone from"):
                 self.undrain(spec.id)
         self._by_source[source] = set(wanted)
+
+    def count_error(self, backend: Backend) -> None:
+        """A request `backend` failed; counted in the totals even once it has left the pool
+        (an answer in flight at its removal, a session it created meanwhile)."""
+        backend.errors_total += 1
+        if self.backends.get(backend.id) is not backend:
+            self.retired_errors_total += 1
 
     def lost(self, backend_id: str, reason: str) -> None:
         backend = self.backends.get(backend_id)
@@ -256,6 +266,8 @@ class Pool:
         if backend is None:
             return
         backend.serving = False
+        self.retired_requests_total += backend.requests_total
+        self.retired_errors_total += backend.errors_total
         if backend.pending:
             self._released_elsewhere[backend_id] = (
                 self._released_elsewhere.get(backend_id, 0) + backend.pending)

@@ -276,7 +276,7 @@ def _command_answered(request: Request, app: App, sid: str, kind: Kind, backend:
 def _command_failed(app: App, sid: str, kind: Kind, backend: Backend,
                     exc: BaseException) -> WebDriverError:
     """A command its backend did not answer: counted, logged, and the client's error."""
-    backend.errors_total += 1
+    app.pool.count_error(backend)
     why = str(exc) or f"no answer within {app.timeout:g}s"
     log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', sid, backend.id, why)
     if kind is Kind.DELETE_SESSION:
@@ -360,7 +360,7 @@ async def _relay(request: Request, answer: Response, backend: Backend,
         timing.backend += time.perf_counter() - began  # streamed at the backend's pace
         return Reply(answer.status, headers, None)
     except (UpstreamError, TimeoutError) as exc:
-        backend.errors_total += 1
+        request.app.pool.count_error(backend)
         log.warning('PROXY_ERROR session=%s backend=%s reason="%s"', sid, backend.id, exc)
         if request.sent:  # the head is out: only closing the connection can tell the client
             request.abort()
@@ -422,7 +422,8 @@ def _new_session_now(request: Request, app: App) -> Awaitable[Reply] | object:
         backend.upstream.submit("POST", request.target, _sent_headers(request, new),
                                 _sent_body(new, backend), app.timeout,
                                 partial(_new_session_answered, request, app, new, backend,
-                                        time.perf_counter()), replay_stale=True)
+                                        backend.spec.generation, time.perf_counter()),
+                                replay_stale=True)
     except BaseException:
         app.pool.release(backend_id)  # a bug of ours (front.py answers 500): not a lost slot too
         raise
@@ -448,8 +449,8 @@ def _sent_headers(request: Request, new: NewSession) -> bytes | list[Header]:
 
 
 def _new_session_answered(request: Request, app: App, new: NewSession, backend: Backend,
-                          began: float, answer: Response | None, exc: BaseException | None
-                          ) -> None:
+                          generation: str, began: float, answer: Response | None,
+                          exc: BaseException | None) -> None:
     """The backend's answer to a new session sent by `_new_session_now`: pinned and passed on.
     A failure, or an answer not all here, goes on in `_new_session`'s loop, which retries
     elsewhere only when the backend provably never saw the request."""
@@ -471,7 +472,7 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
             else:
                 attempt = asyncio.ensure_future(_rest_of(request, answer))
             request.run(_answer_when_done(request, _new_session(
-                request, app, new, backend.id, attempt=attempt, sent_to=backend)))
+                request, app, new, backend.id, attempt=attempt, sent_to=(backend, generation))))
             reserved = False
             return
         try:  # pinned before the reservation is released, so the slot is never handed twice
@@ -480,7 +481,7 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
                 _observe(request, 499)  # as _answer_when_done counts a client gone
                 return
             try:
-                reply = _pin(request, app, backend, answer, data, new.cookie,
+                reply = _pin(request, app, backend, generation, answer, data, new.cookie,
                              new.payload if new.w3c_client else None)
             except WebDriverError as err:
                 reply = error_response(err)
@@ -505,7 +506,7 @@ def _abandoned(request: Request, app: App, backend: Backend, answer: Response | 
     """A new session whose client left before its answer failed or came whole: no retry
     elsewhere for nobody; a session the rest of the answer brings is orphaned (`_orphaned`)."""
     if exc is not None:
-        backend.errors_total += 1
+        app.pool.count_error(backend)
         log.warning('SESSION_NOT_CREATED backend=%s reason="%s; its client had left"',
                     backend.id, str(exc) or "no answer in time")
         app.pool.release(backend.id)
@@ -523,12 +524,13 @@ def _abandoned(request: Request, app: App, backend: Backend, answer: Response | 
 async def _new_session(request: Request, app: App, new: NewSession | None = None,
                        backend_id: str | None | object = _ADMIT, tried: tuple[str, ...] = (),
                        attempt: asyncio.Future | None = None,
-                       sent_to: Backend | None = None) -> Reply:
+                       sent_to: tuple[Backend, str] | None = None) -> Reply:
     """A new session the callback way could not finish: placed (queued for a slot when the
     pool is full), sent, retried elsewhere only when the backend never saw it, pinned. It
     starts from what `_new_session_now` did: the request read (`new`), a backend reserved
-    (`backend_id`), or an attempt already under way or failed (`attempt`, sent to `sent_to`,
-    kept here because the pool may have dropped it since: `_pin` then refuses the session)."""
+    (`backend_id`), or an attempt already under way or failed (`attempt`, sent to `sent_to`'s
+    backend and generation, kept here because the pool may have dropped or restarted it since:
+    `_pin` then refuses the session)."""
     pool, queue = app.pool, app.queue
     if new is None:
         try:
@@ -544,7 +546,11 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
         if backend_id is None:
             backend_id = await _wait_for_slot(request, app, cookie, tried)
         current = backend_id
-        backend = sent_to if attempt is not None else pool.backends.get(backend_id)
+        if attempt is not None:
+            backend, generation = sent_to
+        else:
+            backend = pool.backends.get(backend_id)
+            generation = backend.spec.generation if backend is not None else ""
         request.timing.backend_id = backend_id
         try:
             if backend is None:  # removed while we waited
@@ -563,7 +569,7 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
             finally:
                 attempt = None  # (the next backend, if any, gets an attempt of its own)
             try:  # pinned before the reservation is released, so the slot is never handed twice
-                pinned = _pin(request, app, backend, answer, data, cookie,
+                pinned = _pin(request, app, backend, generation, answer, data, cookie,
                               new.payload if w3c_client else None)
             finally:
                 answer.release()  # before a bridged setup, which may need this connection
@@ -571,7 +577,7 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
         except (NotConnected, UpstreamError, TimeoutError) as exc:
             why = str(exc) or "no answer in time"
             if backend is not None:
-                backend.errors_total += 1
+                app.pool.count_error(backend)
             stage = Attempt.NOT_CONNECTED if isinstance(exc, NotConnected) else Attempt.SENT
             if may_retry_elsewhere(stage):
                 log.warning('SESSION_RETRY backend=%s reason="%s"', backend_id, why)
@@ -679,7 +685,7 @@ async def _bridge_setup(request: Request, app: App, backend: Backend, status: in
         reply = await bridge.run(setup, _sender(request, app, backend, sid))
     except (NotConnected, UpstreamError, TimeoutError) as exc:
         why = str(exc) or "no answer in time"
-        backend.errors_total += 1
+        app.pool.count_error(backend)
         app.life.end(public, EndReason.SETUP_FAILED, why)
         raise WebDriverError.session_not_created(
             f"backend {backend.id} created the session but failed its setup ({why}); "
@@ -693,9 +699,10 @@ async def _bridge_setup(request: Request, app: App, backend: Backend, status: in
     return _json(status, parsed, backend)
 
 
-def _pin(request: Request, app: App, backend: Backend, answer: Response, data: bytes,
-         cookie: str | None, w3c_payload: dict | None):
-    """Learn the session id from a backend's new-session answer and pin it: the reply (always,
+def _pin(request: Request, app: App, backend: Backend, generation: str, answer: Response,
+         data: bytes, cookie: str | None, w3c_payload: dict | None):
+    """Learn the session id from a backend's new-session answer and pin it (`generation`: the
+    backend's when the request was sent): the reply (always,
     for a JSON Wire client), or for a W3C client (`w3c_payload` given) whose backend answered
     JSONWP, a bridged session as (status, parsed answer, backend's id, client's id, bridge),
     for `_bridged_new_session` to finish."""
@@ -719,7 +726,7 @@ def _pin(request: Request, app: App, backend: Backend, answer: Response, data: b
     else:
         sid = session_id_of(parsed)
     if sid is None:
-        backend.errors_total += 1
+        app.pool.count_error(backend)
         log.warning('SESSION_NOT_CREATED backend=%s reason="answer has no session id"', backend.id)
         raise WebDriverError.session_not_created(
             f"backend {backend.id} answered the new session without a session id")
@@ -727,11 +734,20 @@ def _pin(request: Request, app: App, backend: Backend, answer: Response, data: b
         # Removed (or re-added at a new address) while the request was out: removal ends
         # its sessions and leaves answers in flight to arrive, so this one would be pinned to
         # a backend that is gone. Like the sessions removal ended, it is not deleted there.
-        backend.errors_total += 1
+        app.pool.count_error(backend)
         log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="backend removed while '
                     'it created the session; left on it"', backend.id, sid)
         raise WebDriverError.session_not_created(
             f"backend {backend.id} was removed while it created this session")
+    if backend.spec.generation != generation:
+        # Its process was replaced after it answered and before this tick: the replacement
+        # ended the old one's sessions, and this one died with it. Pinned, it would carry the
+        # new generation and fail every command on a process that never saw it.
+        app.pool.count_error(backend)
+        log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="backend process '
+                    'replaced while it created the session"', backend.id, sid)
+        raise WebDriverError.session_not_created(
+            f"backend {backend.id} was restarted while it created this session")
     now = time.monotonic()
     owner = request.principal
     public = sid
@@ -741,7 +757,7 @@ def _pin(request: Request, app: App, backend: Backend, answer: Response, data: b
         if bridged is not None:
             parsed = json.loads(json.dumps(parsed).replace(sid, public))
     request.timing.session = public
-    app.sessions.pin(Session(public, backend.id, backend.spec.generation, now, now, cookie or "",
+    app.sessions.pin(Session(public, backend.id, generation, now, now, cookie or "",
                          bridge=bridged, owner=owner, backend_sid=sid))
     backend.sessions_total += 1
     backend.generation_sessions += 1

@@ -9,6 +9,7 @@ import collections
 import random
 import time
 
+from stickyproxy import stats
 from stickyproxy.backends import Pool
 from stickyproxy.health import DOWN, CheckResult
 from stickyproxy.providers import BackendSpec
@@ -100,3 +101,27 @@ def test_the_index_matches_a_scan_whatever_the_pool_goes_through():
         members = set(pool)
         for b in seen:  # the mirror a command reads instead of the Health object
             assert b.serving == (b in members and b.health.state != DOWN), (step, b.id)
+
+
+def test_the_totals_only_grow_whatever_leaves_the_pool():
+    """/stats adds the retired counts to the live backends': a backend removed (or moved, which
+    removes and adds its id) takes its own counts with it, and an answer in flight at its
+    removal still fails on it."""
+    pool = _pool(2)
+    a, b = pool.backends["static-0"], pool.backends["static-1"]
+    a.requests_total, b.requests_total = 5, 7
+    pool.count_error(a)
+    pool.count_error(b)
+
+    def totals():
+        snap = stats.snapshot(pool, pool.sessions, {}, 0.0, 0)
+        return snap["requests_total"], snap["errors_total"]
+
+    assert totals() == (12, 2)
+    pool.publish("static", [b.spec])  # static-0 removed
+    assert totals() == (12, 2)
+    pool.count_error(a)  # its answer in flight failed after
+    assert totals() == (12, 3)
+    pool.publish("static", [BackendSpec("static-1", "http://127.0.0.1:9999", "static")])  # moved
+    pool.count_error(pool.backends["static-1"])
+    assert totals() == (12, 4) and a.errors_total == 2

@@ -81,17 +81,18 @@ class Client:
 
 
 @pytest.mark.parametrize("path", ["callback", "coroutine"])
-@pytest.mark.parametrize("change", [None, "removed", "moved"])
+@pytest.mark.parametrize("change", [None, "removed", "moved", "restarted"])
 async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no_session(
         path, change):
     """The answer of a new session is pinned when it is all here: in `_new_session_answered`
     (the usual callback) or, for one read in pieces, in `_new_session` a tick later. The pool
-    may drop the backend before either (its sessions all ended then), or re-add its id at a new
-    address: the session must be refused, not pinned to a backend that is gone, and the
-    reservation given back without touching the new backend's."""
+    may drop the backend before either (its sessions all ended then), re-add its id at a new
+    address, or learn that its process was replaced (the old one's sessions ended): the session
+    must be refused, not pinned to a backend that is gone, counted, and the reservation given
+    back without touching the new backend's."""
     sessions = SessionTable()
     pool = Pool(1, 1, sessions)
-    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static")])
+    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static", generation="1")])
     backend = pool.backends["b1"]
     pool.record_check(backend, CheckResult(True, "ok", "ok"))
     app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, queue=None, access_log=False,
@@ -109,15 +110,17 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
     elif change == "moved":
         pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:10", "static")])
         pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
+    elif change == "restarted":  # the same address, a new process behind it
+        pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static", generation="2")])
     if path == "callback":
-        proxy._new_session_answered(request, app, new, backend, 0.0, answer, None)
+        proxy._new_session_answered(request, app, new, backend, "1", 0.0, answer, None)
         status, body = client.sent
     else:
         attempt = asyncio.get_running_loop().create_future()
         attempt.set_result((answer, answer.body))
         try:
             reply = await proxy._new_session(request, app, new, "b1", attempt=attempt,
-                                             sent_to=backend)
+                                             sent_to=(backend, "1"))
             status, body = reply.status, json.loads(reply.body)
         except proxy.WebDriverError as err:
             status, body = err.status, {"value": {"error": err.error, "message": err.message}}
@@ -127,8 +130,11 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
         assert sessions.get("s1").backend_id == "b1"
     else:
         assert status == 500 and body["value"]["error"] == "session not created", body
-        assert "b1 was removed while it created" in body["value"]["message"]
+        verb = "restarted" if change == "restarted" else "removed"
+        assert f"b1 was {verb} while it created" in body["value"]["message"]
         assert sessions.get("s1") is None and backend.errors_total == 1
+        # in the totals /stats shows, whether or not the backend is still in the pool
+        assert sum(b.errors_total for b in pool) + pool.retired_errors_total == 1
     assert all(b.pending == 0 for b in pool)  # the reservation back, the new backend's untouched
     assert not pool._released_elsewhere
 
@@ -156,6 +162,6 @@ async def test_a_bug_in_the_new_session_callback_gives_the_reservation_back():
     for _ in range(3):
         assert pool.pick(None) == "b1"
         answer = BrokenAnswer()
-        proxy._new_session_answered(request, app, new, backend, 0.0, answer, None)
+        proxy._new_session_answered(request, app, new, backend, "", 0.0, answer, None)
         assert answer.released and backend.pending == 0  # placement still sees an empty backend
     assert len(crashed) == 3
