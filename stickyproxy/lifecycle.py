@@ -11,6 +11,7 @@ live sessions have finished (or reached their idle timeout).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import time
@@ -51,16 +52,20 @@ class Reaper:
     can expire (`next_look`); a session due but used meanwhile goes back for its new earliest
     time. So each live session is looked at about once per idle timeout however busy it is, and
     reaped at most one bucket later than the scan would have (so at most two of the loop's
-    ticks). An ended session's id is dropped when its bucket comes."""
+    ticks). The ids of ended sessions (and an id pinned twice) are dropped when their bucket
+    comes, or sooner when they outnumber the live sessions (`_compact`)."""
 
     def __init__(self, idle_timeout: float, max_age: float, tick: float) -> None:
         self.idle_timeout, self.max_age, self.tick = idle_timeout, max_age, tick
         self.on = bool(idle_timeout or max_age)
         self._buckets: dict[int, list[str]] = {}
+        self._order: list[int] = []  # a heap of the buckets' numbers: no scan of the keys
         self._taken: int | None = None  # the last bucket handed out
+        self._size = 0  # ids in all buckets
+        self.looked_total = 0  # sessions looked at (each costs an expiry check)
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self._buckets.values())
+        return self._size
 
     def watch(self, session: Session, now: float) -> None:
         if self.on:
@@ -70,27 +75,57 @@ class Reaper:
         bucket = math.ceil(at / self.tick)  # a bucket is taken only once all of it is due
         if self._taken is not None and bucket <= self._taken:
             bucket = self._taken + 1  # (float rounding; and never into a bucket already taken)
-        self._buckets.setdefault(bucket, []).append(sid)
+        ids = self._buckets.get(bucket)
+        if ids is None:
+            ids = self._buckets[bucket] = []
+            heapq.heappush(self._order, bucket)
+        ids.append(sid)
+        self._size += 1
 
     def expired(self, live: dict[str, Session], now: float) -> list[tuple[str, EndReason, str]]:
         """The sessions of `live` to end at `now`, with why; the others due go back."""
         if not self.on:
             return []
+        if self._size > 2 * len(live) + 1024:
+            self._compact(live)
         last = math.floor(now / self.tick)
-        due = sorted(b for b in self._buckets if b <= last)
+        order, due = self._order, []
+        while order and order[0] <= last:
+            due.append(self._buckets.pop(heapq.heappop(order)))
         self._taken = last if self._taken is None else max(self._taken, last)
         out = []
         # (dict.fromkeys: an id pinned twice is looked at once, and goes back once)
-        for sid in dict.fromkeys(sid for b in due for sid in self._buckets.pop(b)):
+        for sid in dict.fromkeys(sid for ids in due for sid in ids):
             session = live.get(sid)
             if session is None:
                 continue  # ended meanwhile
+            self.looked_total += 1
             verdict = expiry(session, now, self.idle_timeout, self.max_age)
             if verdict:
                 out.append((sid, *verdict))
             else:
                 self._add(sid, next_look(session, now, self.idle_timeout, self.max_age))
+        self._size -= sum(len(ids) for ids in due)
         return out
+
+    def _compact(self, live: dict[str, Session]) -> None:
+        """Drop the ids of ended sessions, and all but the earliest entry of an id: with only a
+        long max age set, ended ids would otherwise wait for hours. Linear, but run only once
+        the ids have doubled since the last time, so it adds a constant to each pin."""
+        seen: set[str] = set()
+        for bucket in sorted(self._buckets):
+            kept = []
+            for sid in self._buckets[bucket]:
+                if sid in live and sid not in seen:
+                    seen.add(sid)
+                    kept.append(sid)
+            if kept:
+                self._buckets[bucket] = kept
+            else:
+                del self._buckets[bucket]
+        self._order = list(self._buckets)
+        heapq.heapify(self._order)
+        self._size = len(seen)
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,6 +143,43 @@ def test_the_reaper_looks_only_at_sessions_due():
     assert len(reaper) == 0
 
 
+def test_a_session_is_looked_at_only_when_it_may_have_expired():
+    reaper = Reaper(idle_timeout=100, max_age=0, tick=1)
+    live = {f"s{i}": Session(f"s{i}", "b", "g", created=0, last_used=0) for i in range(1000)}
+    for s in live.values():
+        reaper.watch(s, 0)
+    live["s0"].busy = 1  # a command that runs for a long time
+    for step in range(200):  # every half second, as the loop ticks
+        assert reaper.expired(live, step / 2) == []
+    assert reaper.looked_total == 0  # nothing looked at before its idle timeout
+    for sid, *_ in reaper.expired(live, 100.0):
+        del live[sid]
+    assert list(live) == ["s0"] and reaper.looked_total == 1000
+    for step in range(201, 2201):  # 1,000 s more
+        assert reaper.expired(live, step / 2) == []
+    # the busy one: once per idle timeout while its command runs, not once per tick
+    assert 1000 + 9 <= reaper.looked_total <= 1000 + 11
+
+
+def test_ended_and_repinned_ids_do_not_pile_up():
+    """Only a 24 h max age: an ended session's id would wait a day for its bucket."""
+    reaper = Reaper(idle_timeout=0, max_age=24 * 3600, tick=1)
+    live: dict[str, Session] = {}
+    keep = Session("keep", "b", "g", created=0, last_used=0)
+    live["keep"] = keep
+    for t in range(5000):
+        for i in range(3):  # three sessions a second, each quit a second later
+            s = Session(f"s{t}-{i}", "b", "g", created=t, last_used=t)
+            live[s.id] = s
+            reaper.watch(s, t)
+            live.pop(f"s{t - 1}-{i}", None)
+        reaper.watch(keep, t)  # and one id pinned again and again
+        assert reaper.expired(live, t) == []
+        assert len(reaper) <= 2 * len(live) + 1024 + 4
+    assert [sid for sid, *_ in reaper.expired(live, 24 * 3600 + 5000)] == sorted(live)
+    assert len(reaper) == 0
+
+
 def test_a_reaper_with_both_limits_off_keeps_nothing():
     reaper = Reaper(idle_timeout=0, max_age=0, tick=1)
     s = session()
@@ -197,6 +234,8 @@ def test_the_reaper_ends_what_a_full_scan_would_and_at_most_two_ticks_later(seed
             elif action < 0.8:
                 s.busy = 1 - s.busy
                 s.last_used = now
+            elif action < 0.9:
+                reaper.watch(s, now)  # its id pinned again (learned back from another replica)
             else:
                 del live[s.id]  # its client quit it
         for sid, s in live.items():
