@@ -124,6 +124,13 @@ class Pool:
                 self.undrain(spec.id)
         self._by_source[source] = set(wanted)
 
+    def count_request(self, backend: Backend) -> None:
+        """The same for a request sent where the backend may have left the pool since the
+        command began (the usual command is counted where the pool has just been asked)."""
+        backend.requests_total += 1
+        if self.backends.get(backend.id) is not backend:
+            self.retired_requests_total += 1
+
     def count_error(self, backend: Backend) -> None:
         """A request `backend` failed; counted in the totals even once it has left the pool
         (an answer in flight at its removal, a session it created meanwhile)."""

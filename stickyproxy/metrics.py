@@ -159,6 +159,11 @@ def families(snap: Mapping[str, Any]) -> list[Metric]:
     for name, key, doc, kind in (
             ("stickyproxy_backends_up", "backends_up", "Backends whose checks say up", "gauge"),
             ("stickyproxy_recycled", "recycled_total", "Backends recycled", "counter"),
+            # (the sums over the per-backend series lose what a removed or moved backend counted)
+            ("stickyproxy_forwarded_requests", "requests_total", "Requests forwarded to any "
+             "backend, removed ones included", "counter"),
+            ("stickyproxy_forward_errors", "errors_total", "Requests to any backend that failed "
+             "in transport, removed ones included", "counter"),
             ("stickyproxy_sessions_learned", "sessions_learned_total", "Sessions created through "
              "another replica, pinned here by their signed id", "counter"),
             ("stickyproxy_shutting_down", "shutting_down", "1 while draining for shutdown",

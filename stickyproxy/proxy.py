@@ -740,14 +740,20 @@ def _pin(request: Request, app: App, backend: Backend, generation: str, answer: 
         raise WebDriverError.session_not_created(
             f"backend {backend.id} was removed while it created this session")
     if backend.spec.generation != generation:
-        # Its process was replaced after it answered and before this tick: the replacement
-        # ended the old one's sessions, and this one died with it. Pinned, it would carry the
-        # new generation and fail every command on a process that never saw it.
+        # Its process was replaced while the request was out, and the replacement ended the
+        # old one's sessions. Which process created this one is unknown: the request may have
+        # waited for a connection, or been sent again on a fresh one, and reached the new
+        # process. So it is pinned and ended at once, as an orphan is: deleted on the current
+        # process (where it may live, or a 404), counted and logged, and the client told.
         app.pool.count_error(backend)
-        log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="backend process '
-                    'replaced while it created the session"', backend.id, sid)
+        now = time.monotonic()
+        app.sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now,
+                                 owner=request.principal))
+        app.life.end(sid, EndReason.BACKEND_DOWN,
+                     "backend process replaced while it created the session")
         raise WebDriverError.session_not_created(
-            f"backend {backend.id} was restarted while it created this session")
+            f"backend {backend.id} was restarted while it created this session; the session "
+            "was ended")
     now = time.monotonic()
     owner = request.principal
     public = sid
@@ -783,7 +789,7 @@ def _sender(request: Request, app: App, backend: Backend, sid: str):
     async def send(method: str, subpath: str, body) -> tuple[int, object]:
         payload = None if body is None else json.dumps(body).encode()
         headers = [(b"Content-Type", b"application/json; charset=utf-8")] if payload else []
-        backend.requests_total += 1
+        app.pool.count_request(backend)  # (a setup may run on past the backend's removal)
         answer = await timing.on_backend(backend.upstream.request(
             method, f"/session/{sid}{subpath}", headers, payload, timeout=app.timeout))
         return await _result(request, answer)
@@ -858,7 +864,7 @@ class _BridgeRun:
     def _send(self, method: str, subpath: str, body) -> None:
         payload = None if body is None else json.dumps(body).encode()
         backend = self.backend
-        backend.requests_total += 1
+        self.app.pool.count_request(backend)  # (a bridged command's later calls may outlive it)
         self.began = time.perf_counter()
         backend.upstream.submit(method, f"/session/{self.session.backend_sid}{subpath}",
                                 _JSON_LINE if payload else b"", payload, self.app.timeout,

@@ -39,6 +39,8 @@ def test_every_snapshot_figure_is_a_sample():
     assert value(s, "stickyproxy_queue_refused_total") == 3
     assert value(s, "stickyproxy_backends_up") == 2
     assert value(s, "stickyproxy_recycled_total") == 1
+    assert value(s, "stickyproxy_forwarded_requests_total") == SNAPSHOT["requests_total"]
+    assert value(s, "stickyproxy_forward_errors_total") == SNAPSHOT["errors_total"]
     assert value(s, "stickyproxy_backend_draining", backend="local-2") == 1
     assert value(s, "stickyproxy_backend_draining", backend="local-1") == 0
     assert value(s, "stickyproxy_backend_check_latency_seconds", backend="local-1") == 0.0023

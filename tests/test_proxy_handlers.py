@@ -12,6 +12,7 @@ import pytest
 from stickyproxy import proxy
 from stickyproxy.backends import Pool
 from stickyproxy.health import CheckResult
+from stickyproxy.lifecycle import Lifecycle
 from stickyproxy.metrics import Timing
 from stickyproxy.providers import BackendSpec
 from stickyproxy.queue import SessionQueue
@@ -68,6 +69,21 @@ class Answer:
         self.released = True
 
 
+class Deletes:
+    """A backend's connection pool that only answers the DELETE a session's end sends."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    async def request(self, method, path, headers, body, timeout):
+        self.calls.append((method, path))
+        return types.SimpleNamespace(status=200, read=self._empty, release=lambda: None)
+
+    @staticmethod
+    async def _empty() -> bytes:
+        return b""
+
+
 class Client:
     """The client's side of the request: what `_answer` sends it."""
     gone = sent = False
@@ -95,9 +111,13 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
     pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static", generation="1")])
     backend = pool.backends["b1"]
     pool.record_check(backend, CheckResult(True, "ok", "ok"))
+    backend.upstream = Deletes()
+    settings = types.SimpleNamespace(
+        session_idle_timeout=0, session_max_age=0, recycle_after_sessions=0, recycle_after=0,
+        recycle_above_memory=0, max_recycling=1, check_timeout=1)
+    life = Lifecycle(pool, sessions, settings, {})
     app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, queue=None, access_log=False,
-                                life=types.SimpleNamespace(consider=lambda *a: None),
-                                metrics=types.SimpleNamespace(observe=lambda *a: None))
+                                life=life, metrics=types.SimpleNamespace(observe=lambda *a: None))
     request = new_session_request(app, {"desiredCapabilities": {}})
     client = Client()
     for name in ("gone", "sent", "send", "finish", "method", "path"):
@@ -112,6 +132,7 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
         pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
     elif change == "restarted":  # the same address, a new process behind it
         pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static", generation="2")])
+        pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
     if path == "callback":
         proxy._new_session_answered(request, app, new, backend, "1", 0.0, answer, None)
         status, body = client.sent
@@ -135,6 +156,16 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
         assert sessions.get("s1") is None and backend.errors_total == 1
         # in the totals /stats shows, whether or not the backend is still in the pool
         assert sum(b.errors_total for b in pool) + pool.retired_errors_total == 1
+    await life.flush()
+    if change == "restarted":
+        # It may have reached the new process (sent late, or again): deleted there, and counted.
+        assert backend.upstream.calls == [("DELETE", "/session/s1")]
+        assert sessions.ended_by_reason == {"backend_down": 1}
+        assert "restarted while it created this session; the session was ended" in (
+            body["value"]["message"])
+    else:
+        # Removed: not deleted, as removal deletes none of the sessions it ends.
+        assert backend.upstream.calls == []
     assert all(b.pending == 0 for b in pool)  # the reservation back, the new backend's untouched
     assert not pool._released_elsewhere
 
