@@ -204,6 +204,11 @@ class Pool:
             self._sync(backend)
         return backend_id
 
+    def reserved_before_a_move(self, backend_id: str) -> bool:
+        """Are reservations made before `backend_id` was removed and added again still out?
+        Released by id, they are told from the new backend's only by this count."""
+        return backend_id in self._released_elsewhere
+
     def release(self, backend_id: str) -> None:
         stale = self._released_elsewhere.get(backend_id)
         if stale:  # (by id, so one reserved before a re-add is known only by this count)

@@ -1,5 +1,7 @@
 """proxy.py's handlers in process, for what sockets cannot stage: a bug of ours raising in the
-middle of a handler, and a backend removed while a new session's request is out. Everything but the request and the backend's connection is real."""
+middle of a handler, a backend removed, moved or restarted while a new session's request is out,
+and one moved between the queue's reservation and its waiter's turn. Everything but the request
+and the backend's connection is real."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from stickyproxy.lifecycle import Lifecycle
 from stickyproxy.metrics import Timing
 from stickyproxy.providers import BackendSpec
 from stickyproxy.queue import SessionQueue
-from stickyproxy.sessions import SessionTable
+from stickyproxy.sessions import EndReason, Session, SessionTable
 
 
 class Broken:
@@ -196,3 +198,58 @@ async def test_a_bug_in_the_new_session_callback_gives_the_reservation_back():
         proxy._new_session_answered(request, app, new, backend, "", 0.0, answer, None)
         assert answer.released and backend.pending == 0  # placement still sees an empty backend
     assert len(crashed) == 3
+
+
+class Creates:
+    """A backend's connection pool that answers a new session, noting the backend's load as
+    the request goes out."""
+
+    def __init__(self, pool, backend_id: str) -> None:
+        self.pool, self.backend_id, self.loads = pool, backend_id, []
+
+    async def request(self, method, path, headers, body, timeout, replay_stale=False):
+        backend = self.pool.backends[self.backend_id]
+        self.loads.append(self.pool.sessions.per_backend.get(backend.id, 0) + backend.pending)
+        answer = Answer()
+        answer.body = b'{"sessionId": "s2", "status": 0, "value": {}}'
+
+        async def read() -> bytes:
+            return answer.body
+        answer.read = read
+        return answer
+
+
+async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_reserves_anew():
+    """The queue reserves a slot for its head and wakes it; the waiter resumes a tick later.
+    If the backend's id moved to a new address meanwhile, the reservation counts on the old
+    address only: sent on as it is, the new backend would take one over --max-sessions."""
+    sessions = SessionTable()
+    pool = Pool(1, 1, sessions, max_sessions=1)
+    queue = SessionQueue(pool.pick, pool.release, 10)
+    pool.on_capacity.append(queue.dispatch)
+    sessions.on_end.append(queue.dispatch)
+    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static")])
+    pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
+    sessions.pin(Session("held", "b1", "", 0.0, 0.0))  # b1 is full
+    settings = types.SimpleNamespace(
+        session_idle_timeout=0, session_max_age=0, recycle_after_sessions=0, recycle_after=0,
+        recycle_above_memory=0, max_recycling=1, check_timeout=1)
+    app = types.SimpleNamespace(
+        pool=pool, sessions=sessions, key=None, queue=queue, queue_timeout=5, timeout=5,
+        access_log=False, life=Lifecycle(pool, sessions, settings, {}),
+        metrics=types.SimpleNamespace(observe=lambda *a: None, observe_queue_wait=lambda *a: None))
+    request = new_session_request(app, {"desiredCapabilities": {}})
+    new = proxy._new_session_request(request, request.body.whole())
+    task = asyncio.get_running_loop().create_task(proxy._new_session(request, app, new, None))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(queue) == 1
+    sessions.end("held", EndReason.CLIENT_DELETE)  # a slot frees: reserved for the waiter...
+    # ...and before it resumes, b1 moves (a discovery flap, a container at a new address)
+    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:10", "static")])
+    pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
+    upstream = pool.backends["b1"].upstream = Creates(pool, "b1")
+    reply = await asyncio.wait_for(task, 5)
+    assert reply.status == 200 and sessions.get("s2").backend_id == "b1"
+    assert upstream.loads == [1]  # its own reservation counted on the backend it went to
+    assert all(b.pending == 0 for b in pool) and not pool._released_elsewhere
