@@ -78,9 +78,8 @@ class Pool:
         self.on_removed: list[Listener] = []
         self.on_capacity: list[Callable[[], None]] = []  # a slot may have freed: wake the queue
         self._index = LoadIndex()  # who takes new sessions, by load: kept by _sync
-        # Reservations held on backends since removed, by id: their releases are theirs, not
-        # those of a backend re-added under the same id (a new address), whose count they
-        # would otherwise take below its own.
+        # Reservations held on backends since removed, by id, until they are released or the
+        # id is added again (a new address), which then counts them (`_add`).
         self._released_elsewhere: dict[str, int] = {}
         # what removed backends had counted (and errors counted on them after): the totals in
         # /stats only grow, whatever leaves the pool
@@ -204,11 +203,6 @@ class Pool:
             self._sync(backend)
         return backend_id
 
-    def reserved_before_a_move(self, backend_id: str) -> bool:
-        """Are reservations made before `backend_id` was removed and added again still out?
-        Released by id, they are told from the new backend's only by this count."""
-        return backend_id in self._released_elsewhere
-
     def release(self, backend_id: str) -> None:
         stale = self._released_elsewhere.get(backend_id)
         if stale:  # (by id, so one reserved before a re-add is known only by this count)
@@ -266,6 +260,11 @@ class Pool:
 
     def _add(self, spec: BackendSpec) -> None:
         backend = Backend(spec, Health(self.rise, self.fall))
+        # Reservations its id still has out from before a removal (a move, a flap) count on
+        # it, since they are released by id. One may be a queued waiter's, handed over before
+        # the move and sent here after it: uncounted, it would take this backend one session
+        # over --max-sessions. The others only hold a slot until their attempt ends.
+        backend.pending = self._released_elsewhere.pop(spec.id, 0)
         self.backends[spec.id] = backend
         self._sync(backend)
         self.by_route[route_of(spec.url)] = spec.id

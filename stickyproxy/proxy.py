@@ -545,14 +545,6 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
     while True:
         if backend_id is None:
             backend_id = await _wait_for_slot(request, app, cookie, tried)
-            if pool.reserved_before_a_move(backend_id):
-                # Reserved by the queue a tick ago, and the id has moved to a new address
-                # since: the reservation may count on the old one only, and the new one would
-                # take a session over its cap. Exchanged for one made now (picked first, so a
-                # slot that is free stays ours).
-                stale, backend_id = backend_id, pool.pick(cookie, tried)
-                pool.release(stale)
-                continue
         current = backend_id
         if attempt is not None:
             backend, generation = sent_to

@@ -107,7 +107,7 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
     may drop the backend before either (its sessions all ended then), re-add its id at a new
     address, or learn that its process was replaced (the old one's sessions ended): the session
     must be refused, not pinned to a backend that is gone, counted, and the reservation given
-    back without touching the new backend's."""
+    back (counted on the new backend meanwhile, as every reservation of its id is)."""
     sessions = SessionTable()
     pool = Pool(1, 1, sessions)
     pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static", generation="1")])
@@ -168,7 +168,7 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
     else:
         # Removed: not deleted, as removal deletes none of the sessions it ends.
         assert backend.upstream.calls == []
-    assert all(b.pending == 0 for b in pool)  # the reservation back, the new backend's untouched
+    assert all(b.pending == 0 for b in pool)  # the reservation back, wherever it counted
     assert not pool._released_elsewhere
 
 
