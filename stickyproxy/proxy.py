@@ -644,7 +644,13 @@ async def _rest_of(request: Request, answer: Response) -> tuple[Response, bytes]
 def _orphaned(app: App, backend: Backend, attempt: asyncio.Future,
               owner: str) -> None:
     """The done callback of an attempt whose client left while it ran (see `_orphan`)."""
-    if attempt.cancelled() or attempt.exception() is not None:
+    if attempt.cancelled():
+        return
+    exc = attempt.exception()
+    if exc is not None:  # (a session it may have created is unknown to us: said, not silent)
+        app.pool.count_error(backend)
+        log.warning('SESSION_NOT_CREATED backend=%s reason="%s; its client had left"',
+                    backend.id, str(exc) or "no answer in time")
         return
     answer, data = attempt.result()
     answer.release()

@@ -253,3 +253,17 @@ async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_reserv
     assert reply.status == 200 and sessions.get("s2").backend_id == "b1"
     assert upstream.loads == [1]  # its own reservation counted on the backend it went to
     assert all(b.pending == 0 for b in pool) and not pool._released_elsewhere
+
+
+async def test_a_new_session_failing_after_its_client_left_is_counted_and_logged(caplog):
+    sessions = SessionTable()
+    pool = Pool(1, 1, sessions)
+    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static")])
+    backend = pool.backends["b1"]
+    app = types.SimpleNamespace(pool=pool, sessions=sessions)
+    attempt = asyncio.get_running_loop().create_future()
+    attempt.set_exception(TimeoutError())
+    proxy._orphaned(app, backend, attempt, "")
+    assert backend.errors_total == 1
+    assert ('SESSION_NOT_CREATED backend=b1 reason="no answer in time; its client had left"'
+            in caplog.text)
