@@ -511,14 +511,8 @@ def _abandoned(request: Request, app: App, backend: Backend, answer: Response | 
                     backend.id, str(exc) or "no answer in time")
         app.pool.release(backend.id)
         return
-    owner = request.principal
-
-    def read(rest: asyncio.Future) -> None:
-        try:  # pinned before the reservation is released, as always
-            _orphaned(app, backend, rest, owner)
-        finally:
-            app.pool.release(backend.id)
-    asyncio.ensure_future(_rest_of(request, answer)).add_done_callback(read)
+    asyncio.ensure_future(_rest_of(request, answer)).add_done_callback(
+        partial(_orphaned_then_release, app, backend, backend.id, request.principal))
 
 
 async def _new_session(request: Request, app: App, new: NewSession | None = None,
@@ -563,8 +557,12 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
             try:
                 answer, data = await asyncio.shield(attempt)
             except asyncio.CancelledError:
-                owner = request.principal
-                attempt.add_done_callback(lambda t, b=backend: _orphaned(app, b, t, owner))
+                # The backend may still create the session: its slot stays reserved until
+                # the attempt ends and the session is pinned (then ended), as `_abandoned`
+                # keeps it. Released now, the queue could fill it meanwhile: one over the cap.
+                attempt.add_done_callback(partial(_orphaned_then_release, app, backend, current,
+                                                  request.principal))
+                current = None
                 raise
             finally:
                 attempt = None  # (the next backend, if any, gets an attempt of its own)
@@ -589,7 +587,8 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
                 f"backend {backend_id} failed after the request was sent ({why}); "
                 "not retried elsewhere, so no second session is started") from None
         finally:
-            pool.release(current)  # the reservation made by pick() or the queue
+            if current is not None:
+                pool.release(current)  # the reservation made by pick() or the queue
     if type(pinned) is Reply:
         return pinned
     # Outside the attempt's loop: the session exists, whatever its setup meets.
@@ -647,14 +646,27 @@ def _orphaned(app: App, backend: Backend, attempt: asyncio.Future,
     if attempt.cancelled():
         return
     exc = attempt.exception()
-    if exc is not None:  # (a session it may have created is unknown to us: said, not silent)
-        app.pool.count_error(backend)
+    if isinstance(exc, (OSError, TimeoutError)):  # (a session it may have created is unknown
+        app.pool.count_error(backend)             # to us: said, not silent)
         log.warning('SESSION_NOT_CREATED backend=%s reason="%s; its client had left"',
                     backend.id, str(exc) or "no answer in time")
+        return
+    if exc is not None:  # a bug of ours, not the backend's failure
+        log.error("SESSION_NOT_CREATED backend=%s reason=\"%s; its client had left\"", backend.id,
+                  type(exc).__name__, exc_info=exc)
         return
     answer, data = attempt.result()
     answer.release()
     _orphan(app, backend, answer, data, owner)
+
+
+def _orphaned_then_release(app: App, backend: Backend, backend_id: str, owner: str,
+                           attempt: asyncio.Future) -> None:
+    """`_orphaned`, then the slot the attempt held given back."""
+    try:  # pinned before the reservation is released, as always
+        _orphaned(app, backend, attempt, owner)
+    finally:
+        app.pool.release(backend_id)
 
 
 def _orphan(app: App, backend: Backend, answer: Response, data: bytes, owner: str) -> None:

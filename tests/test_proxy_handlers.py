@@ -219,10 +219,10 @@ class Creates:
         return answer
 
 
-async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_reserves_anew():
+async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_is_counted_there():
     """The queue reserves a slot for its head and wakes it; the waiter resumes a tick later.
-    If the backend's id moved to a new address meanwhile, the reservation counts on the old
-    address only: sent on as it is, the new backend would take one over --max-sessions."""
+    If the backend's id moved to a new address meanwhile, the waiter is sent to the new one:
+    its reservation must count there, or the new backend takes one over --max-sessions."""
     sessions = SessionTable()
     pool = Pool(1, 1, sessions, max_sessions=1)
     queue = SessionQueue(pool.pick, pool.release, 10)
@@ -267,3 +267,37 @@ async def test_a_new_session_failing_after_its_client_left_is_counted_and_logged
     assert backend.errors_total == 1
     assert ('SESSION_NOT_CREATED backend=b1 reason="no answer in time; its client had left"'
             in caplog.text)
+
+
+async def test_a_client_leaving_mid_attempt_keeps_the_slot_until_the_attempt_ends():
+    """The attempt runs on (shielded) when its client leaves: the backend may create the session.
+    Until it answers, the slot stays taken, or the queue could fill it: one over the cap."""
+    sessions = SessionTable()
+    pool = Pool(1, 1, sessions, max_sessions=1)
+    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static")])
+    backend = pool.backends["b1"]
+    pool.record_check(backend, CheckResult(True, "ok", "ok"))
+    backend.upstream = Deletes()
+    settings = types.SimpleNamespace(
+        session_idle_timeout=0, session_max_age=0, recycle_after_sessions=0, recycle_after=0,
+        recycle_above_memory=0, max_recycling=1, check_timeout=1)
+    life = Lifecycle(pool, sessions, settings, {})
+    app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, life=life, queue=None)
+    request = new_session_request(app, {"desiredCapabilities": {}})
+    new = proxy._new_session_request(request, request.body.whole())
+    assert pool.pick(None) == "b1"
+    attempt = asyncio.get_running_loop().create_future()  # sent, not answered yet
+    task = asyncio.get_running_loop().create_task(proxy._new_session(
+        request, app, new, "b1", attempt=attempt, sent_to=(backend, "")))
+    await asyncio.sleep(0)
+    task.cancel()  # the client left
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert backend.pending == 1 and pool.pick(None) is None  # still taken: nothing placed
+    answer = Answer()
+    attempt.set_result((answer, answer.body))  # the backend created it after all
+    await asyncio.sleep(0)
+    assert backend.pending == 0 and answer.released
+    assert sessions.ended_by_reason == {"client_delete": 1}  # pinned, ended and deleted
+    await life.flush()
+    assert backend.upstream.calls == [("DELETE", "/session/s1")]
