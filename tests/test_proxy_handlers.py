@@ -71,6 +71,14 @@ class Answer:
         self.released = True
 
 
+def lifecycle(pool, sessions) -> Lifecycle:
+    """The real one, no reaping nor recycling: it ends sessions (deleting them on the backend)."""
+    settings = types.SimpleNamespace(
+        session_idle_timeout=0, session_max_age=0, recycle_after_sessions=0, recycle_after=0,
+        recycle_above_memory=0, max_recycling=1, check_timeout=1)
+    return Lifecycle(pool, sessions, settings, {})
+
+
 class Deletes:
     """A backend's connection pool that only answers the DELETE a session's end sends."""
 
@@ -114,10 +122,7 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
     backend = pool.backends["b1"]
     pool.record_check(backend, CheckResult(True, "ok", "ok"))
     backend.upstream = Deletes()
-    settings = types.SimpleNamespace(
-        session_idle_timeout=0, session_max_age=0, recycle_after_sessions=0, recycle_after=0,
-        recycle_above_memory=0, max_recycling=1, check_timeout=1)
-    life = Lifecycle(pool, sessions, settings, {})
+    life = lifecycle(pool, sessions)
     app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, queue=None, access_log=False,
                                 life=life, metrics=types.SimpleNamespace(observe=lambda *a: None))
     request = new_session_request(app, {"desiredCapabilities": {}})
@@ -231,12 +236,9 @@ async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_is_cou
     pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static")])
     pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
     sessions.pin(Session("held", "b1", "", 0.0, 0.0))  # b1 is full
-    settings = types.SimpleNamespace(
-        session_idle_timeout=0, session_max_age=0, recycle_after_sessions=0, recycle_after=0,
-        recycle_above_memory=0, max_recycling=1, check_timeout=1)
     app = types.SimpleNamespace(
         pool=pool, sessions=sessions, key=None, queue=queue, queue_timeout=5, timeout=5,
-        access_log=False, life=Lifecycle(pool, sessions, settings, {}),
+        access_log=False, life=lifecycle(pool, sessions),
         metrics=types.SimpleNamespace(observe=lambda *a: None, observe_queue_wait=lambda *a: None))
     request = new_session_request(app, {"desiredCapabilities": {}})
     new = proxy._new_session_request(request, request.body.whole())
@@ -278,10 +280,7 @@ async def test_a_client_leaving_mid_attempt_keeps_the_slot_until_the_attempt_end
     backend = pool.backends["b1"]
     pool.record_check(backend, CheckResult(True, "ok", "ok"))
     backend.upstream = Deletes()
-    settings = types.SimpleNamespace(
-        session_idle_timeout=0, session_max_age=0, recycle_after_sessions=0, recycle_after=0,
-        recycle_above_memory=0, max_recycling=1, check_timeout=1)
-    life = Lifecycle(pool, sessions, settings, {})
+    life = lifecycle(pool, sessions)
     app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, life=life, queue=None)
     request = new_session_request(app, {"desiredCapabilities": {}})
     new = proxy._new_session_request(request, request.body.whole())
