@@ -539,6 +539,13 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
     while True:
         if backend_id is None:
             backend_id = await _wait_for_slot(request, app, cookie, tried)
+            waited_for = pool.backends.get(backend_id)
+            if waited_for is not None and not waited_for.takes_new_sessions:
+                # Reserved by the queue a tick ago; since, drained, down, or moved to an
+                # address not checked yet. Placed elsewhere if there is room, else it waits.
+                stale, backend_id = backend_id, pool.pick(cookie, tried)
+                pool.release(stale)
+                continue
         current = backend_id
         if attempt is not None:
             backend, generation = sent_to

@@ -224,6 +224,21 @@ class Creates:
         return answer
 
 
+async def queued_new_session(pool, sessions, queue):
+    """A new session started with every backend full: its task, once it waits in the queue."""
+    app = types.SimpleNamespace(
+        pool=pool, sessions=sessions, key=None, queue=queue, queue_timeout=5, timeout=5,
+        access_log=False, life=lifecycle(pool, sessions),
+        metrics=types.SimpleNamespace(observe=lambda *a: None, observe_queue_wait=lambda *a: None))
+    request = new_session_request(app, {"desiredCapabilities": {}})
+    new = proxy._new_session_request(request, request.body.whole())
+    task = asyncio.get_running_loop().create_task(proxy._new_session(request, app, new, None))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(queue) == 1
+    return task
+
+
 async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_is_counted_there():
     """The queue reserves a slot for its head and wakes it; the waiter resumes a tick later.
     If the backend's id moved to a new address meanwhile, the waiter is sent to the new one:
@@ -236,16 +251,7 @@ async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_is_cou
     pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static")])
     pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
     sessions.pin(Session("held", "b1", "", 0.0, 0.0))  # b1 is full
-    app = types.SimpleNamespace(
-        pool=pool, sessions=sessions, key=None, queue=queue, queue_timeout=5, timeout=5,
-        access_log=False, life=lifecycle(pool, sessions),
-        metrics=types.SimpleNamespace(observe=lambda *a: None, observe_queue_wait=lambda *a: None))
-    request = new_session_request(app, {"desiredCapabilities": {}})
-    new = proxy._new_session_request(request, request.body.whole())
-    task = asyncio.get_running_loop().create_task(proxy._new_session(request, app, new, None))
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert len(queue) == 1
+    task = await queued_new_session(pool, sessions, queue)
     sessions.end("held", EndReason.CLIENT_DELETE)  # a slot frees: reserved for the waiter...
     # ...and before it resumes, b1 moves (a discovery flap, a container at a new address)
     pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:10", "static")])
@@ -300,3 +306,28 @@ async def test_a_client_leaving_mid_attempt_keeps_the_slot_until_the_attempt_end
     assert sessions.ended_by_reason == {"client_delete": 1}  # pinned, ended and deleted
     await life.flush()
     assert backend.upstream.calls == [("DELETE", "/session/s1")]
+
+
+async def test_a_queued_new_session_whose_backend_was_drained_before_its_turn_goes_elsewhere():
+    """The queue reserves b1 for its head; before the waiter runs, b1 is drained (an admin, or
+    recycling) and b2 frees a slot. The waiter goes to b2: a drained backend takes no new
+    session, whoever reserved it."""
+    sessions = SessionTable()
+    pool = Pool(1, 1, sessions, max_sessions=1)
+    queue = SessionQueue(pool.pick, pool.release, 10)
+    pool.on_capacity.append(queue.dispatch)
+    sessions.on_end.append(queue.dispatch)
+    pool.publish("static", [BackendSpec(b, f"http://127.0.0.1:{9 + i}", "static")
+                            for i, b in enumerate(("b1", "b2"))])
+    for b in ("b1", "b2"):
+        pool.record_check(pool.backends[b], CheckResult(True, "ok", "ok"))
+        sessions.pin(Session(f"held-{b}", b, "", 0.0, 0.0))  # both full
+        pool.backends[b].upstream = Creates(pool, b)
+    task = await queued_new_session(pool, sessions, queue)
+    sessions.end("held-b1", EndReason.CLIENT_DELETE)  # reserved for the waiter...
+    pool.drain("b1", "admin")  # ...drained before it runs...
+    sessions.end("held-b2", EndReason.CLIENT_DELETE)  # ...and room on b2
+    reply = await asyncio.wait_for(task, 5)
+    assert reply.status == 200 and sessions.get("s2").backend_id == "b2"
+    assert pool.backends["b1"].upstream.loads == [] and pool.backends["b2"].upstream.loads == [1]
+    assert all(b.pending == 0 for b in pool)
