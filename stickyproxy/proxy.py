@@ -537,15 +537,17 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
     if backend_id is _ADMIT:
         backend_id = queue.admit(cookie)
     while True:
-        if backend_id is None:
-            backend_id = await _wait_for_slot(request, app, cookie, tried)
+        again = False
+        while backend_id is None:
+            backend_id = await _wait_for_slot(request, app, cookie, tried, again)
             waited_for = pool.backends.get(backend_id)
             if waited_for is not None and not waited_for.takes_new_sessions:
                 # Reserved by the queue a tick ago; since, drained, down, or moved to an
-                # address not checked yet. Placed elsewhere if there is room, else it waits.
+                # address not checked yet. Placed elsewhere if there is room, else it waits
+                # again at the head of the queue, for what is left of its time.
                 stale, backend_id = backend_id, pool.pick(cookie, tried)
                 pool.release(stale)
-                continue
+                again = True
         current = backend_id
         if attempt is not None:
             backend, generation = sent_to
@@ -604,15 +606,20 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
 
 
 async def _wait_for_slot(request: Request, app: App, cookie: str | None,
-                         tried: tuple[str, ...]) -> str:
-    """Queue for a slot when backends are up but full; fail at once when none could take it."""
+                         tried: tuple[str, ...], again: bool = False) -> str:
+    """Queue for a slot when backends are up but full; fail at once when none could take it.
+    `again`: its turn came and went (see `SessionQueue.wait`): it waits out the rest of its
+    time at the head, even for a backend not up yet (one just moved to a new address)."""
     pool, queue = app.pool, app.queue
-    if not pool.could_take(tried):
+    if app.state.shutting_down:  # (the queue was emptied: a waiter back from its turn too)
+        raise WebDriverError.session_not_created("stickyproxy is shutting down")
+    if not again and not pool.could_take(tried):
         raise WebDriverError.session_not_created(_no_backend_message(pool, tried))
     timeout = app.queue_timeout
     began, refused = time.perf_counter(), False
     try:
-        return await queue.wait(cookie, tried, timeout)
+        return await queue.wait(cookie, tried, max(0.0, timeout - request.timing.queued),
+                                again)
     except QueueFull:
         refused = True  # refused at once: it never waited
         log.warning("SESSION_NOT_CREATED reason=queue_full length=%d", len(queue))
@@ -639,9 +646,11 @@ async def _attempt(request: Request, app: App, backend: Backend,
 
 
 async def _rest_of(request: Request, answer: Response) -> tuple[Response, bytes]:
-    """A new-session answer whose head is here, with its whole body."""
+    """A new-session answer whose head is here, with its whole body. Within the backend timeout,
+    as the head was: an orphan's attempt holds a slot until it ends, so it must end."""
     try:
-        return answer, await request.timing.on_backend(answer.read())
+        async with asyncio.timeout(request.app.timeout):
+            return answer, await request.timing.on_backend(answer.read())
     except BaseException:
         answer.release()
         raise

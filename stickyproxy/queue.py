@@ -57,14 +57,20 @@ class SessionQueue:
             return None
         return self._pick(cookie, tried)
 
-    async def wait(self, cookie: str | None, tried: tuple[str, ...], timeout: float) -> str:
-        """Queue until a backend is reserved for us; raises QueueFull or TimeoutError."""
-        if len(self._waiters) >= self.max_length:
+    async def wait(self, cookie: str | None, tried: tuple[str, ...], timeout: float,
+                   again: bool = False) -> str:
+        """Queue until a backend is reserved for us; raises QueueFull or TimeoutError. `again`:
+        a waiter whose turn came but whose backend could no longer take it waits again at the
+        head, where it was (no second count, no refusal: it was admitted already)."""
+        if not again and len(self._waiters) >= self.max_length:
             self.refused_total += 1
             raise QueueFull()
         waiter = Waiter(cookie, tried, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        self.waited_total += 1
+        if again:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
+            self.waited_total += 1
         self.dispatch()  # a slot may have freed between admit() and now
         delivered = False
         try:

@@ -224,25 +224,9 @@ class Creates:
         return answer
 
 
-async def queued_new_session(pool, sessions, queue):
-    """A new session started with every backend full: its task, once it waits in the queue."""
-    app = types.SimpleNamespace(
-        pool=pool, sessions=sessions, key=None, queue=queue, queue_timeout=5, timeout=5,
-        access_log=False, life=lifecycle(pool, sessions),
-        metrics=types.SimpleNamespace(observe=lambda *a: None, observe_queue_wait=lambda *a: None))
-    request = new_session_request(app, {"desiredCapabilities": {}})
-    new = proxy._new_session_request(request, request.body.whole())
-    task = asyncio.get_running_loop().create_task(proxy._new_session(request, app, new, None))
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert len(queue) == 1
-    return task
-
-
-async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_is_counted_there():
-    """The queue reserves a slot for its head and wakes it; the waiter resumes a tick later.
-    If the backend's id moved to a new address meanwhile, the waiter is sent to the new one:
-    its reservation must count there, or the new backend takes one over --max-sessions."""
+def full_pool_and_queue():
+    """One backend, b1, at its --max-sessions 1 (session "held"), and the queue wired as the
+    server wires it."""
     sessions = SessionTable()
     pool = Pool(1, 1, sessions, max_sessions=1)
     queue = SessionQueue(pool.pick, pool.release, 10)
@@ -250,7 +234,31 @@ async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_is_cou
     sessions.on_end.append(queue.dispatch)
     pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static")])
     pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
-    sessions.pin(Session("held", "b1", "", 0.0, 0.0))  # b1 is full
+    sessions.pin(Session("held", "b1", "", 0.0, 0.0))
+    return sessions, pool, queue
+
+
+async def queued_new_session(pool, sessions, queue, waiting=1):
+    """A new session started with every backend full: its task, once it waits in the queue."""
+    app = types.SimpleNamespace(
+        pool=pool, sessions=sessions, key=None, queue=queue, queue_timeout=5, timeout=5,
+        access_log=False, life=lifecycle(pool, sessions),
+        state=types.SimpleNamespace(shutting_down=False),
+        metrics=types.SimpleNamespace(observe=lambda *a: None, observe_queue_wait=lambda *a: None))
+    request = new_session_request(app, {"desiredCapabilities": {}})
+    new = proxy._new_session_request(request, request.body.whole())
+    task = asyncio.get_running_loop().create_task(proxy._new_session(request, app, new, None))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(queue) == waiting
+    return task
+
+
+async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_is_counted_there():
+    """The queue reserves a slot for its head and wakes it; the waiter resumes a tick later.
+    If the backend's id moved to a new address meanwhile, the waiter is sent to the new one:
+    its reservation must count there, or the new backend takes one over --max-sessions."""
+    sessions, pool, queue = full_pool_and_queue()
     task = await queued_new_session(pool, sessions, queue)
     sessions.end("held", EndReason.CLIENT_DELETE)  # a slot frees: reserved for the waiter...
     # ...and before it resumes, b1 moves (a discovery flap, a container at a new address)
@@ -331,3 +339,46 @@ async def test_a_queued_new_session_whose_backend_was_drained_before_its_turn_go
     assert reply.status == 200 and sessions.get("s2").backend_id == "b2"
     assert pool.backends["b1"].upstream.loads == [] and pool.backends["b2"].upstream.loads == [1]
     assert all(b.pending == 0 for b in pool)
+
+
+async def test_a_waiter_whose_turn_came_to_a_backend_not_taking_waits_again_at_the_head():
+    """Its only backend moved to an address not checked yet, between the queue's reservation
+    and the waiter's turn: it neither goes there nor fails, nor loses its place to the waiter
+    behind it; it is served first once the new address is up."""
+    sessions, pool, queue = full_pool_and_queue()
+    first = await queued_new_session(pool, sessions, queue)
+    second = await queued_new_session(pool, sessions, queue, waiting=2)
+    sessions.end("held", EndReason.CLIENT_DELETE)  # b1 reserved for the first...
+    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:10", "static")])  # ...moved
+    upstream = pool.backends["b1"].upstream = Creates(pool, "b1")
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert upstream.loads == [] and len(queue) == 2 and not first.done()
+    assert queue.waited_total == 2  # (not counted twice)
+    pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))  # up: its turn again
+    reply = await asyncio.wait_for(first, 5)
+    assert reply.status == 200 and upstream.loads == [1] and not second.done()
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    assert pool.backends["b1"].pending == 0
+
+
+async def test_a_new_session_answer_whose_body_never_comes_ends_within_the_backend_timeout():
+    """An orphan's attempt holds its slot until it ends: a backend that sent the head and then
+    hung must not hold it for good."""
+    class Hung(Answer):
+        async def read(self) -> bytes:
+            await asyncio.sleep(3600)
+
+    request = types.SimpleNamespace(app=types.SimpleNamespace(timeout=0.05), timing=Timing(0.0))
+    answer = Hung()
+    rest = asyncio.ensure_future(proxy._rest_of(request, answer))
+    for _ in range(100):  # (the timeout is 0.05 s: done long before these 5 s)
+        if rest.done():
+            break
+        await asyncio.sleep(0.05)
+    try:
+        assert rest.done() and isinstance(rest.exception(), TimeoutError)
+        assert answer.released
+    finally:
+        rest.cancel()
