@@ -618,8 +618,12 @@ async def _wait_for_slot(request: Request, app: App, cookie: str | None,
     timeout = app.queue_timeout
     began, refused = time.perf_counter(), False
     try:
-        return await queue.wait(cookie, tried, max(0.0, timeout - request.timing.queued),
-                                again)
+        backend_id = await queue.wait(
+            cookie, tried, max(0.0, timeout - request.timing.queued) if again else timeout, again)
+        if app.state.shutting_down:  # handed a slot in the tick shutdown began: not used
+            pool.release(backend_id)
+            raise WebDriverError.session_not_created("stickyproxy is shutting down")
+        return backend_id
     except QueueFull:
         refused = True  # refused at once: it never waited
         log.warning("SESSION_NOT_CREATED reason=queue_full length=%d", len(queue))
@@ -628,8 +632,10 @@ async def _wait_for_slot(request: Request, app: App, cookie: str | None,
             f"(--max-queue {queue.max_length})", retry_after=max(1, round(timeout / 4))) from None
     except TimeoutError:
         log.warning("SESSION_NOT_CREATED reason=queue_timeout waited=%s", fmt(timeout))
+        why = ("its turn came to a backend that stopped taking new sessions, and none had room "
+               "for the rest of" if again else "every backend stayed full for")
         raise WebDriverError.session_not_created(
-            f"every backend stayed full for {fmt(timeout)} (--queue-timeout); "
+            f"{why} {fmt(timeout)} (--queue-timeout); "
             f"{len(pool.backends)} backends, --max-sessions {pool.max_sessions}") from None
     finally:
         if not refused:

@@ -61,7 +61,8 @@ class SessionQueue:
                    again: bool = False) -> str:
         """Queue until a backend is reserved for us; raises QueueFull or TimeoutError. `again`:
         a waiter whose turn came but whose backend could no longer take it waits again at the
-        head, where it was (no second count, no refusal: it was admitted already)."""
+        head (no second count, no refusal: it was admitted already). Those served in the tick
+        it was out of the queue stay served."""
         if not again and len(self._waiters) >= self.max_length:
             self.refused_total += 1
             raise QueueFull()

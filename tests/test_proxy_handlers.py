@@ -238,12 +238,12 @@ def full_pool_and_queue():
     return sessions, pool, queue
 
 
-async def queued_new_session(pool, sessions, queue, waiting=1):
+async def queued_new_session(pool, sessions, queue, waiting=1, state=None):
     """A new session started with every backend full: its task, once it waits in the queue."""
     app = types.SimpleNamespace(
         pool=pool, sessions=sessions, key=None, queue=queue, queue_timeout=5, timeout=5,
         access_log=False, life=lifecycle(pool, sessions),
-        state=types.SimpleNamespace(shutting_down=False),
+        state=state or types.SimpleNamespace(shutting_down=False),
         metrics=types.SimpleNamespace(observe=lambda *a: None, observe_queue_wait=lambda *a: None))
     request = new_session_request(app, {"desiredCapabilities": {}})
     new = proxy._new_session_request(request, request.body.whole())
@@ -382,3 +382,16 @@ async def test_a_new_session_answer_whose_body_never_comes_ends_within_the_backe
         assert answer.released
     finally:
         rest.cancel()
+
+
+async def test_a_waiter_handed_a_slot_as_shutdown_begins_creates_no_session():
+    sessions, pool, queue = full_pool_and_queue()
+    state = types.SimpleNamespace(shutting_down=False)
+    task = await queued_new_session(pool, sessions, queue, state=state)
+    upstream = pool.backends["b1"].upstream = Creates(pool, "b1")
+    sessions.end("held", EndReason.CLIENT_DELETE)  # b1 handed to the waiter...
+    state.shutting_down = True  # ...in the tick SIGTERM arrived
+    queue.fail_all(proxy.WebDriverError.session_not_created("stickyproxy is shutting down"))
+    with pytest.raises(proxy.WebDriverError, match="shutting down"):
+        await asyncio.wait_for(task, 5)
+    assert upstream.loads == [] and pool.backends["b1"].pending == 0
