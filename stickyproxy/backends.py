@@ -80,7 +80,7 @@ class Pool:
         self._index = LoadIndex()  # who takes new sessions, by load: kept by _sync
         # Reservations held on backends since removed, by id, until they are released or the
         # id is added again (a new address), which then counts them (`_add`).
-        self._released_elsewhere: dict[str, int] = {}
+        self._pending_of_removed: dict[str, int] = {}
         # what removed backends had counted (and errors counted on them after): the totals in
         # /stats only grow, whatever leaves the pool
         self.retired_requests_total = self.retired_errors_total = 0
@@ -204,12 +204,12 @@ class Pool:
         return backend_id
 
     def release(self, backend_id: str) -> None:
-        stale = self._released_elsewhere.get(backend_id)
-        if stale:  # (by id, so one reserved before a re-add is known only by this count)
+        stale = self._pending_of_removed.get(backend_id)
+        if stale:  # its id is out of the pool: the count kept for it until it comes back
             if stale == 1:
-                del self._released_elsewhere[backend_id]
+                del self._pending_of_removed[backend_id]
             else:
-                self._released_elsewhere[backend_id] = stale - 1
+                self._pending_of_removed[backend_id] = stale - 1
         else:
             backend = self.backends.get(backend_id)
             if backend is not None:
@@ -264,7 +264,7 @@ class Pool:
         # it, since they are released by id. One may be a queued waiter's, handed over before
         # the move and sent here after it: uncounted, it would take this backend one session
         # over --max-sessions. The others only hold a slot until their attempt ends.
-        backend.pending = self._released_elsewhere.pop(spec.id, 0)
+        backend.pending = self._pending_of_removed.pop(spec.id, 0)
         self.backends[spec.id] = backend
         self._sync(backend)
         self.by_route[route_of(spec.url)] = spec.id
@@ -280,8 +280,8 @@ class Pool:
         self.retired_requests_total += backend.requests_total
         self.retired_errors_total += backend.errors_total
         if backend.pending:
-            self._released_elsewhere[backend_id] = (
-                self._released_elsewhere.get(backend_id, 0) + backend.pending)
+            self._pending_of_removed[backend_id] = (
+                self._pending_of_removed.get(backend_id, 0) + backend.pending)
         self._index.set(backend_id, None)
         if self.by_route.get(route_of(backend.spec.url)) == backend_id:
             del self.by_route[route_of(backend.spec.url)]

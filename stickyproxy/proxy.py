@@ -524,7 +524,7 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
     starts from what `_new_session_now` did: the request read (`new`), a backend reserved
     (`backend_id`), or an attempt already under way or failed (`attempt`, sent to `sent_to`'s
     backend and generation, kept here because the pool may have dropped or restarted it since:
-    `_pin` then refuses the session)."""
+    `_pin` then refuses the session, or ends it)."""
     pool, queue = app.pool, app.queue
     if new is None:
         try:

@@ -91,7 +91,7 @@ def test_the_index_matches_a_scan_whatever_the_pool_goes_through():
         # made after it first; each id's count stays exact, and a backend never counts fewer
         # than it holds (placement may be cautious for a moment, never over the cap).
         held = collections.Counter(backend_id for backend_id, _ in pending)
-        stale = pool._released_elsewhere
+        stale = pool._pending_of_removed
         for backend_id in held.keys() | stale.keys() | pool.backends.keys():
             b = pool.backends.get(backend_id)
             assert (b.pending if b else 0) + stale.get(backend_id, 0) == held[backend_id], step

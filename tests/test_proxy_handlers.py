@@ -174,7 +174,7 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
         # Removed: not deleted, as removal deletes none of the sessions it ends.
         assert backend.upstream.calls == []
     assert all(b.pending == 0 for b in pool)  # the reservation back, wherever it counted
-    assert not pool._released_elsewhere
+    assert not pool._pending_of_removed
 
 
 class BrokenAnswer(Answer):
@@ -268,7 +268,7 @@ async def test_a_queued_new_session_whose_backend_moved_before_it_resumed_is_cou
     reply = await asyncio.wait_for(task, 5)
     assert reply.status == 200 and sessions.get("s2").backend_id == "b1"
     assert upstream.loads == [1]  # its own reservation counted on the backend it went to
-    assert all(b.pending == 0 for b in pool) and not pool._released_elsewhere
+    assert all(b.pending == 0 for b in pool) and not pool._pending_of_removed
 
 
 async def test_a_new_session_failing_after_its_client_left_is_counted_and_logged(caplog):
