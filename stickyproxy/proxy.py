@@ -537,17 +537,8 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
     if backend_id is _ADMIT:
         backend_id = queue.admit(cookie)
     while True:
-        again = False
-        while backend_id is None:
-            backend_id = await _wait_for_slot(request, app, cookie, tried, again)
-            waited_for = pool.backends.get(backend_id)
-            if waited_for is not None and not waited_for.takes_new_sessions:
-                # Reserved by the queue a tick ago; since, drained, down, or moved to an
-                # address not checked yet. Placed elsewhere if there is room, else it waits
-                # again at the head of the queue, for what is left of its time.
-                stale, backend_id = backend_id, pool.pick(cookie, tried)
-                pool.release(stale)
-                again = True
+        if backend_id is None:
+            backend_id = await _wait_for_slot(request, app, cookie, tried)
         current = backend_id
         if attempt is not None:
             backend, generation = sent_to
@@ -606,24 +597,37 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
 
 
 async def _wait_for_slot(request: Request, app: App, cookie: str | None,
-                         tried: tuple[str, ...], again: bool = False) -> str:
+                         tried: tuple[str, ...]) -> str:
     """Queue for a slot when backends are up but full; fail at once when none could take it.
-    `again`: its turn came and went (see `SessionQueue.wait`): it waits out the rest of its
-    time at the head, even for a backend not up yet (one just moved to a new address)."""
+
+    The queue reserved the slot a tick before the waiter runs. If its backend stopped taking
+    new sessions meanwhile (drained, down, or moved to an address not checked yet), the waiter
+    is placed elsewhere if there is room, else waits again at the head of the queue for what
+    is left of its time, even for a backend not up yet (see `SessionQueue.wait`). Either way
+    it is one wait, in the histogram and the queue's stats."""
     pool, queue = app.pool, app.queue
-    if app.state.shutting_down:  # (the queue was emptied: a waiter back from its turn too)
+    if app.state.shutting_down:
         raise WebDriverError.session_not_created("stickyproxy is shutting down")
-    if not again and not pool.could_take(tried):
+    if not pool.could_take(tried):
         raise WebDriverError.session_not_created(_no_backend_message(pool, tried))
     timeout = app.queue_timeout
-    began, refused = time.perf_counter(), False
+    began, again, refused = time.monotonic(), False, False
     try:
-        backend_id = await queue.wait(
-            cookie, tried, max(0.0, timeout - request.timing.queued) if again else timeout, again)
-        if app.state.shutting_down:  # handed a slot in the tick shutdown began: not used
-            pool.release(backend_id)
-            raise WebDriverError.session_not_created("stickyproxy is shutting down")
-        return backend_id
+        while True:
+            backend_id = await queue.wait(cookie, tried,
+                                          max(0.0, began + timeout - time.monotonic()),
+                                          began if again else None)
+            if app.state.shutting_down:  # handed a slot in the tick shutdown began: not used
+                pool.release(backend_id)
+                raise WebDriverError.session_not_created("stickyproxy is shutting down")
+            waited_for = pool.backends.get(backend_id)
+            if waited_for is None or waited_for.takes_new_sessions:
+                return backend_id  # (a backend removed meanwhile fails as not connected)
+            stale, backend_id = backend_id, pool.pick(cookie, tried)
+            pool.release(stale)
+            if backend_id is not None:
+                return backend_id
+            again = True
     except QueueFull:
         refused = True  # refused at once: it never waited
         log.warning("SESSION_NOT_CREATED reason=queue_full length=%d", len(queue))
@@ -639,7 +643,7 @@ async def _wait_for_slot(request: Request, app: App, cookie: str | None,
             f"{len(pool.backends)} backends, --max-sessions {pool.max_sessions}") from None
     finally:
         if not refused:
-            waited = time.perf_counter() - began
+            waited = time.monotonic() - began
             request.timing.queued += waited
             app.metrics.observe_queue_wait(waited)
 

@@ -25,7 +25,8 @@ class Waiter:
     cookie: str | None
     tried: tuple[str, ...]
     future: asyncio.Future
-    since: float = field(default_factory=time.monotonic)
+    since: float  # when it first queued: a waiter back at the head keeps its age
+    entered: float = field(default_factory=time.monotonic)  # this stay in the queue
 
 
 Pick = Callable[[str | None, tuple[str, ...]], "str | None"]  # reserve a backend, or None
@@ -58,15 +59,18 @@ class SessionQueue:
         return self._pick(cookie, tried)
 
     async def wait(self, cookie: str | None, tried: tuple[str, ...], timeout: float,
-                   again: bool = False) -> str:
-        """Queue until a backend is reserved for us; raises QueueFull or TimeoutError. `again`:
-        a waiter whose turn came but whose backend could no longer take it waits again at the
-        head (no second count, no refusal: it was admitted already). Those served in the tick
-        it was out of the queue stay served."""
+                   since: float | None = None) -> str:
+        """Queue until a backend is reserved for us; raises QueueFull or TimeoutError. `since`
+        (monotonic, when it first queued): a waiter whose turn came but whose backend could no
+        longer take it waits again at the head, still one waiter as old as its first wait (no
+        second count, no refusal: it was admitted already). Those served in the tick it was
+        out of the queue stay served."""
+        again = since is not None
         if not again and len(self._waiters) >= self.max_length:
             self.refused_total += 1
             raise QueueFull()
-        waiter = Waiter(cookie, tried, asyncio.get_running_loop().create_future())
+        waiter = Waiter(cookie, tried, asyncio.get_running_loop().create_future(),
+                        since if again else time.monotonic())
         if again:
             self._waiters.appendleft(waiter)
         else:
@@ -89,9 +93,9 @@ class SessionQueue:
             self._leave(waiter, delivered)
 
     def _leave(self, waiter: Waiter, delivered: bool) -> None:
-        waited = time.monotonic() - waiter.since
-        self.wait_seconds_total += waited
-        self.wait_seconds_max = max(self.wait_seconds_max, waited)
+        now = time.monotonic()
+        self.wait_seconds_total += now - waiter.entered  # (a stay before this one was added then)
+        self.wait_seconds_max = max(self.wait_seconds_max, now - waiter.since)
         try:
             self._waiters.remove(waiter)
         except ValueError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import types
 
 import pytest
@@ -238,13 +239,15 @@ def full_pool_and_queue():
     return sessions, pool, queue
 
 
-async def queued_new_session(pool, sessions, queue, waiting=1, state=None):
-    """A new session started with every backend full: its task, once it waits in the queue."""
+async def queued_new_session(pool, sessions, queue, waiting=1, state=None, waits=None):
+    """A new session started with every backend full: its task, once it waits in the queue
+    (`waits`: a list the queue-wait histogram's observations go to)."""
+    waits = [] if waits is None else waits
     app = types.SimpleNamespace(
         pool=pool, sessions=sessions, key=None, queue=queue, queue_timeout=5, timeout=5,
         access_log=False, life=lifecycle(pool, sessions),
         state=state or types.SimpleNamespace(shutting_down=False),
-        metrics=types.SimpleNamespace(observe=lambda *a: None, observe_queue_wait=lambda *a: None))
+        metrics=types.SimpleNamespace(observe=lambda *a: None, observe_queue_wait=waits.append))
     request = new_session_request(app, {"desiredCapabilities": {}})
     new = proxy._new_session_request(request, request.body.whole())
     task = asyncio.get_running_loop().create_task(proxy._new_session(request, app, new, None))
@@ -361,6 +364,31 @@ async def test_a_waiter_whose_turn_came_to_a_backend_not_taking_waits_again_at_t
     second.cancel()
     await asyncio.gather(second, return_exceptions=True)
     assert pool.backends["b1"].pending == 0
+
+
+async def test_a_waiter_back_at_the_head_is_one_wait_as_old_as_its_first():
+    """The stats and the histogram see one waiter that waited the whole time: not two waits,
+    nor an oldest wait that starts again when it goes back to the head."""
+    sessions, pool, queue = full_pool_and_queue()
+    waits = []
+    queued_at = time.monotonic()
+    task = await queued_new_session(pool, sessions, queue, waits=waits)
+    await asyncio.sleep(0.2)  # an age to lose
+    sessions.end("held", EndReason.CLIENT_DELETE)  # b1 reserved for it, then moved
+    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:10", "static")])
+    upstream = pool.backends["b1"].upstream = Creates(pool, "b1")
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(queue) == 1 and not task.done()  # back at the head
+    assert queue.oldest_wait(time.monotonic()) >= 0.2
+    assert waits == [] and queue.waited_total == 1
+    pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
+    reply = await asyncio.wait_for(task, 5)
+    whole = time.monotonic() - queued_at
+    assert reply.status == 200 and upstream.loads == [1]
+    assert len(waits) == 1 and 0.2 <= waits[0] <= whole
+    assert 0.2 <= queue.wait_seconds_max <= whole
+    assert 0.2 <= queue.wait_seconds_total <= whole  # (its two stays, each once)
 
 
 async def test_a_new_session_answer_whose_body_never_comes_ends_within_the_backend_timeout():

@@ -1,6 +1,7 @@
 """The new-session queue with a scripted picker: FIFO, no barging, timeouts, disconnects."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -117,3 +118,23 @@ async def test_a_retry_that_may_not_use_the_free_backend_keeps_its_place_but_blo
     queue.dispatch()
     assert await asyncio.wait_for(retry, 1) == "b1"
     assert len(queue) == 0
+
+
+async def test_a_waiter_back_at_the_head_goes_first_uncounted_and_keeps_its_age():
+    slots = Slots()
+    queue = SessionQueue(slots.pick, slots.release, 1)  # full with one waiter
+    behind = asyncio.create_task(queue.wait(None, (), 5))
+    await asyncio.sleep(0)
+    first_queued = time.monotonic() - 10  # its first stay in the queue began 10 s ago
+    back = asyncio.create_task(queue.wait(None, (), 5, since=first_queued))
+    await asyncio.sleep(0)
+    assert len(queue) == 2 and queue.waited_total == 1 and queue.refused_total == 0
+    assert queue.oldest_wait(time.monotonic()) >= 10
+    slots.free = 1
+    queue.dispatch()
+    assert await back == "b1" and not behind.done()
+    assert queue.wait_seconds_max >= 10  # the whole wait...
+    assert queue.wait_seconds_total < 5  # ...but only this stay added (the first, when it ended)
+    behind.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await behind
