@@ -195,12 +195,18 @@ class Lifecycle:
         if session is None:
             return False
         backend = self.pool.get(session.backend_id)
-        if backend is not None and backend.upstream is not None:
-            task = asyncio.get_running_loop().create_task(
-                self._delete(backend, session.backend_sid), name=f"delete-{sid}")
-            self._deletes.add(task)
-            task.add_done_callback(self._deletes.discard)
+        if backend is not None:
+            self.delete(backend, session.backend_sid)
         return True
+
+    def delete(self, backend, backend_sid: str) -> None:
+        """Delete a session on its backend (by the backend's own id), in the background, tracked."""
+        if backend.upstream is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._delete(backend, backend_sid), name=f"delete-{backend_sid}")
+        self._deletes.add(task)
+        task.add_done_callback(self._deletes.discard)
 
     async def _delete(self, backend, sid: str) -> None:
         timeout = self.settings.check_timeout

@@ -702,10 +702,34 @@ def _orphan(app: App, backend: Backend, answer: Response, data: bytes, owner: st
         sid = session_id_of(json.loads(data)) if 200 <= answer.status < 300 else None
     except ValueError:
         sid = None
-    if sid:
+    if sid and not _id_in_use(app, backend, sid, sid):
         now = time.monotonic()
         app.sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now, owner=owner))
         app.life.end(sid, EndReason.CLIENT_DELETE, "client left before the new session answer")
+
+
+def _id_in_use(app: App, backend: Backend, public: str, sid: str) -> bool:
+    """Whether a new session's id (`public`, as the table keys it) is a live session's already.
+
+    Two live sessions under one id cannot both be routed: a backend that numbers its sessions
+    (1, 2, ...) gives out ids that another one already gave. The live session keeps its id;
+    the new one is deleted where it was made (`sid`, the backend's id), counted and logged,
+    instead of pinned over the other, whose client would then be sent to the wrong backend.
+    The same backend giving a live session's id again has lost that session (restarted faster
+    than health checks notice): the old pin is ended, not deleted there (that would delete the
+    new one), and the new session pinned."""
+    other = app.sessions.get(public)
+    if other is None:
+        return False
+    if other.backend_id == backend.id:
+        app.sessions.end(public, EndReason.BACKEND_DOWN,
+                         "its backend gave the session's id to a new session")
+        return False
+    app.pool.count_error(backend)
+    log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="id in use by a live session '
+                'on %s; deleted"', backend.id, sid, other.backend_id)
+    app.life.delete(backend, sid)
+    return True
 
 
 def _bridged_new_session(request: Request, app: App, backend: Backend,
@@ -783,6 +807,16 @@ def _pin(request: Request, app: App, backend: Backend, generation: str, answer: 
                     'it created the session; left on it"', backend.id, sid)
         raise WebDriverError.session_not_created(
             f"backend {backend.id} was removed while it created this session")
+    owner = request.principal
+    public = sid
+    if app.key:  # the client's id carries its signed route (routes.py)
+        public = routes.public_id(app.key, backend.spec.url, sid, owner, bridged is not None)
+    if _id_in_use(app, backend, public, sid):
+        raise WebDriverError.session_not_created(
+            f"backend {backend.id} answered with session id {sid}, which a live session already "
+            "has; the new session was deleted there. Backends must not share session ids "
+            "(with --session-key, ids carry their backend and cannot clash across backends)")
+    now = time.monotonic()
     if backend.spec.generation != generation:
         # Its process was replaced while the request was out, and the replacement ended the
         # old one's sessions. Which process created this one is unknown: the request may have
@@ -790,19 +824,14 @@ def _pin(request: Request, app: App, backend: Backend, generation: str, answer: 
         # process. So it is pinned and ended at once, as an orphan is: deleted on the current
         # process (where it may live, or a 404), counted and logged, and the client told.
         app.pool.count_error(backend)
-        now = time.monotonic()
-        app.sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now,
-                                 owner=request.principal))
-        app.life.end(sid, EndReason.BACKEND_DOWN,
+        app.sessions.pin(Session(public, backend.id, backend.spec.generation, now, now,
+                                 owner=owner, backend_sid=sid))
+        app.life.end(public, EndReason.BACKEND_DOWN,
                      "backend process replaced while it created the session")
         raise WebDriverError.session_not_created(
             f"backend {backend.id} was restarted while it created this session; the session "
             "was ended")
-    now = time.monotonic()
-    owner = request.principal
-    public = sid
-    if app.key:  # the client's id carries its signed route (routes.py)
-        public = routes.public_id(app.key, backend.spec.url, sid, owner, bridged is not None)
+    if public != sid:
         data = data.replace(sid.encode(), public.encode())
         if bridged is not None:
             parsed = json.loads(json.dumps(parsed).replace(sid, public))

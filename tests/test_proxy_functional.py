@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import http.server
+import json
+import threading
 
 import pytest
 
@@ -134,3 +137,82 @@ def test_large_bodies_stream_through_both_ways(proxy4):
     assert body["value"] == big + str(len(big))
     assert headers["X-Stickyproxy-Backend"]
     http_json(f"{proxy4.url}/session/{sid}", "DELETE")
+
+
+class _Numbering(http.server.BaseHTTPRequestHandler):
+    """A WebDriver server that numbers its sessions 1, 2, ... A fake: no real backend here
+    reuses ids (PhantomJS, chromedriver and Grid give UUIDs), but a home-made one may."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _answer(self, value, sid=None) -> None:
+        body = json.dumps({"sessionId": sid, "status": 0, "value": value}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/status":
+            return self._answer({"ready": True})
+        sid = self.path.split("/")[2]  # /session/<id>/title
+        self._answer(self.server.name if sid in self.server.live else "gone", sid)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.made += 1
+        sid = str(self.server.made)
+        self.server.live.add(sid)
+        self._answer({}, sid)
+
+    def do_DELETE(self) -> None:
+        sid = self.path.split("/")[2]
+        self.server.live.discard(sid)
+        self.server.deleted.append(sid)
+        self._answer(None, sid)
+
+
+@pytest.fixture
+def numbering_backends():
+    servers = []
+    for name in ("one", "two"):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Numbering)
+        server.name, server.made, server.live, server.deleted = name, 0, set(), []
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_session_id_another_backend_already_gave_is_refused_not_pinned_over(
+        stickyproxy, numbering_backends):
+    """Both backends answer the first new session with id 1. The second one's would take the
+    first's route: it is deleted where it was made and its client told, and the first session
+    still reaches its own backend."""
+    proxy = stickyproxy(*[a for s in numbering_backends for a in
+                          ("--backend", f"http://127.0.0.1:{s.server_address[1]}")])
+    wait_up(proxy, 2)
+    status, body, headers = http_json(proxy.url + "/session", "POST", {"desiredCapabilities": {}})
+    assert status == 200 and body["sessionId"] == "1"
+    first = next(s for s in numbering_backends if s.live)
+    second = next(s for s in numbering_backends if s is not first)
+    status, body, _ = http_json(proxy.url + "/session", "POST", {"desiredCapabilities": {}})
+    assert status == 500 and body["value"]["error"] == "session not created", body
+    assert "session id 1, which a live session already has" in body["value"]["message"]
+    wait_for(lambda: second.deleted == ["1"], 10, what="the clashing session deleted")
+    assert http_json(proxy.url + "/session/1/title")[1]["value"] == first.name
+    assert len(proxy.log(r'SESSION_NOT_CREATED .*session=1 reason="id in use')) == 1
+    assert proxy.stats()["sessions_active"] == 1
+    # the next one from the same backend has an id of its own, and is served
+    status, body, _ = http_json(proxy.url + "/session", "POST", {"desiredCapabilities": {}})
+    assert status == 200 and body["sessionId"] == "2" and second.live == {"2"}
+    assert http_json(proxy.url + "/session/2/title")[1]["value"] == second.name
+    for sid in ("1", "2"):
+        assert http_json(proxy.url + f"/session/{sid}", "DELETE")[0] == 200
+    assert first.live == set() and second.live == set()

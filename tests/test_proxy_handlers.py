@@ -107,6 +107,36 @@ class Client:
         pass
 
 
+def new_session_app(pool, sessions):
+    """An app for a new session's answer (no queue) and the request, whose client records what
+    it is sent."""
+    app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, queue=None, access_log=False,
+                                life=lifecycle(pool, sessions),
+                                metrics=types.SimpleNamespace(observe=lambda *a: None))
+    request = new_session_request(app, {"desiredCapabilities": {}})
+    client = Client()
+    for name in ("gone", "sent", "send", "finish", "method", "path"):
+        setattr(request, name, getattr(client, name))
+    request.client = client
+    return app, request, proxy._new_session_request(request, request.body.whole())
+
+
+async def answered(path, request, app, new, backend, generation, answer):
+    """The backend's new-session answer handled as `path` ("callback": `_new_session_answered`,
+    the usual way; "coroutine": `_new_session` with the attempt done): (status, body) sent."""
+    if path == "callback":
+        proxy._new_session_answered(request, app, new, backend, generation, 0.0, answer, None)
+        return request.client.sent
+    attempt = asyncio.get_running_loop().create_future()
+    attempt.set_result((answer, answer.body))
+    try:
+        reply = await proxy._new_session(request, app, new, backend.id, attempt=attempt,
+                                         sent_to=(backend, generation))
+        return reply.status, json.loads(reply.body)
+    except proxy.WebDriverError as err:
+        return err.status, {"value": {"error": err.error, "message": err.message}}
+
+
 @pytest.mark.parametrize("path", ["callback", "coroutine"])
 @pytest.mark.parametrize("change", [None, "removed", "moved", "restarted"])
 async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no_session(
@@ -123,14 +153,8 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
     backend = pool.backends["b1"]
     pool.record_check(backend, CheckResult(True, "ok", "ok"))
     backend.upstream = Deletes()
-    life = lifecycle(pool, sessions)
-    app = types.SimpleNamespace(pool=pool, sessions=sessions, key=None, queue=None, access_log=False,
-                                life=life, metrics=types.SimpleNamespace(observe=lambda *a: None))
-    request = new_session_request(app, {"desiredCapabilities": {}})
-    client = Client()
-    for name in ("gone", "sent", "send", "finish", "method", "path"):
-        setattr(request, name, getattr(client, name))
-    new = proxy._new_session_request(request, request.body.whole())
+    app, request, new = new_session_app(pool, sessions)
+    life = app.life
     assert pool.pick(None) == "b1"  # the reservation the attempt holds
     answer = Answer()
     if change == "removed":
@@ -141,18 +165,7 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
     elif change == "restarted":  # the same address, a new process behind it
         pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static", generation="2")])
         pool.record_check(pool.backends["b1"], CheckResult(True, "ok", "ok"))
-    if path == "callback":
-        proxy._new_session_answered(request, app, new, backend, "1", 0.0, answer, None)
-        status, body = client.sent
-    else:
-        attempt = asyncio.get_running_loop().create_future()
-        attempt.set_result((answer, answer.body))
-        try:
-            reply = await proxy._new_session(request, app, new, "b1", attempt=attempt,
-                                             sent_to=(backend, "1"))
-            status, body = reply.status, json.loads(reply.body)
-        except proxy.WebDriverError as err:
-            status, body = err.status, {"value": {"error": err.error, "message": err.message}}
+    status, body = await answered(path, request, app, new, backend, "1", answer)
     assert answer.released
     if change is None:
         assert status == 200 and body["sessionId"] == "s1"
@@ -176,6 +189,40 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
         assert backend.upstream.calls == []
     assert all(b.pending == 0 for b in pool)  # the reservation back, wherever it counted
     assert not pool._pending_of_removed
+
+
+@pytest.mark.parametrize("path", ["callback", "coroutine"])
+@pytest.mark.parametrize("holder", ["b2", "b1"])
+async def test_a_new_session_given_a_live_sessions_id(path, holder):
+    """b1 answers a new session with id s1, which a live session has. On another backend (b2),
+    the live one keeps it: the new one is refused and deleted on b1. On b1 itself, b1 has lost
+    the old one (a new session never gets a live id): the old pin ends, the new one is pinned,
+    and nothing is deleted (it would be the new one)."""
+    sessions = SessionTable()
+    pool = Pool(1, 1, sessions)
+    pool.publish("static", [BackendSpec(b, f"http://127.0.0.1:{9 + i}", "static")
+                            for i, b in enumerate(("b1", "b2"))])
+    backend = pool.backends["b1"]
+    for b in pool:
+        pool.record_check(b, CheckResult(True, "ok", "ok"))
+        b.upstream = Deletes()
+    sessions.pin(Session("s1", holder, "", 0.0, 0.0))
+    app, request, new = new_session_app(pool, sessions)
+    assert pool.pick(None, ("b2",)) == "b1"
+    status, body = await answered(path, request, app, new, backend, "", Answer())
+    await app.life.flush()
+    assert sessions.get("s1").backend_id == holder
+    assert pool.backends["b2"].upstream.calls == []
+    if holder == "b2":
+        assert status == 500 and body["value"]["error"] == "session not created", body
+        assert "session id s1, which a live session already has" in body["value"]["message"]
+        assert backend.upstream.calls == [("DELETE", "/session/s1")] and backend.errors_total == 1
+        assert sessions.per_backend == {"b2": 1} and not sessions.ended_by_reason
+    else:
+        assert status == 200 and body["sessionId"] == "s1"
+        assert backend.upstream.calls == [] and backend.errors_total == 0
+        assert sessions.per_backend == {"b1": 1} and sessions.ended_by_reason == {"backend_down": 1}
+    assert all(b.pending == 0 for b in pool)
 
 
 class BrokenAnswer(Answer):
@@ -286,6 +333,25 @@ async def test_a_new_session_failing_after_its_client_left_is_counted_and_logged
     assert backend.errors_total == 1
     assert ('SESSION_NOT_CREATED backend=b1 reason="no answer in time; its client had left"'
             in caplog.text)
+
+
+async def test_an_orphan_whose_id_a_live_session_has_is_deleted_without_touching_that_one():
+    """Its client left, and its backend gave it an id that another backend's live session has:
+    deleted where it was made, counted there, and the live session keeps its pin."""
+    sessions = SessionTable()
+    pool = Pool(1, 1, sessions)
+    pool.publish("static", [BackendSpec(b, f"http://127.0.0.1:{9 + i}", "static")
+                            for i, b in enumerate(("b1", "b2"))])
+    sessions.pin(Session("s1", "b2", "", 0.0, 0.0))
+    backend = pool.backends["b1"]
+    backend.upstream = Deletes()
+    life = lifecycle(pool, sessions)
+    app = types.SimpleNamespace(pool=pool, sessions=sessions, life=life)
+    proxy._orphan(app, backend, Answer(), Answer.body, "")  # (its answer: session s1)
+    await life.flush()
+    assert backend.upstream.calls == [("DELETE", "/session/s1")] and backend.errors_total == 1
+    assert sessions.get("s1").backend_id == "b2" and sessions.per_backend == {"b2": 1}
+    assert sessions.created_total == 1 and not sessions.ended_by_reason
 
 
 async def test_a_client_leaving_mid_attempt_keeps_the_slot_until_the_attempt_ends():
