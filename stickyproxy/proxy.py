@@ -709,25 +709,26 @@ def _orphan(app: App, backend: Backend, answer: Response, data: bytes, owner: st
 
 
 def _id_in_use(app: App, backend: Backend, public: str, sid: str) -> bool:
-    """Whether a new session's id (`public`, as the table keys it) is a live session's already.
+    """Whether a new session's id is a live session's already: `public` as the table keys it,
+    or `sid`, the backend's own, on that backend (under --session-key, another owner's session
+    there has another public id). Then the new session is deleted where it was made, counted
+    and logged, and not pinned: a live session's client would be sent to it, or to the wrong
+    backend.
 
-    Two live sessions under one id cannot both be routed: a backend that numbers its sessions
-    (1, 2, ...) gives out ids that another one already gave. The live session keeps its id;
-    the new one is deleted where it was made (`sid`, the backend's id), counted and logged,
-    instead of pinned over the other, whose client would then be sent to the wrong backend.
-    The same backend giving a live session's id again has lost that session (restarted faster
-    than health checks notice): the old pin is ended, not deleted there (that would delete the
-    new one), and the new session pinned."""
-    other = app.sessions.get(public)
+    Another backend's live session keeps its id: a backend that numbers its sessions (1, 2,
+    ...) gives out ids that another one already gave. A backend that gives out the id of one
+    of its own live sessions has lost that one (restarted faster than health checks notice,
+    or it reuses the ids of sessions it ended): its pin ends, not deleted there (that would
+    delete the new one), so its client learns why."""
+    other = app.sessions.get(public) or app.sessions.holder(backend.id, sid)
     if other is None:
-        return False
-    if other.backend_id == backend.id:
-        app.sessions.end(public, EndReason.BACKEND_DOWN,
-                         "its backend gave the session's id to a new session")
         return False
     app.pool.count_error(backend)
     log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="id in use by a live session '
-                'on %s; deleted"', backend.id, sid, other.backend_id)
+                'on %s"', backend.id, sid, other.backend_id)
+    if other.backend_id == backend.id:
+        app.sessions.end(other.id, EndReason.BACKEND_DOWN,
+                         "its backend gave the session's id to a new session: it was lost there")
     app.life.delete(backend, sid)
     return True
 
@@ -814,8 +815,9 @@ def _pin(request: Request, app: App, backend: Backend, generation: str, answer: 
     if _id_in_use(app, backend, public, sid):
         raise WebDriverError.session_not_created(
             f"backend {backend.id} answered with session id {sid}, which a live session already "
-            "has; the new session was deleted there. Backends must not share session ids "
-            "(with --session-key, ids carry their backend and cannot clash across backends)")
+            "had; the new session was deleted there (try again). Backends must not share "
+            "session ids: with --session-key, ids carry their backend and cannot clash across "
+            "backends")
     now = time.monotonic()
     if backend.spec.generation != generation:
         # Its process was replaced while the request was out, and the replacement ended the

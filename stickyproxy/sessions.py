@@ -85,6 +85,9 @@ class SessionTable:
     created_total: int = 0
     learned_total: int = 0
     _ended: OrderedDict = field(default_factory=OrderedDict)
+    # (backend id, backend's own id) -> session, for the sessions whose client sees another id
+    # (signed, routes.py); the others are found in `live` by the backend's id itself
+    _rewritten: dict = field(default_factory=dict)
     on_end: list = field(default_factory=list)  # callables: a slot freed
     on_count: list = field(default_factory=list)  # callables(backend_id): its live count changed
     on_pin: list = field(default_factory=list)  # callables(session): a session pinned
@@ -95,8 +98,17 @@ class SessionTable:
     def get(self, sid: str) -> Session | None:
         return self.live.get(sid)
 
+    def holder(self, backend_id: str, backend_sid: str) -> Session | None:
+        """The live session that is `backend_sid` on that backend, whatever id its client sees."""
+        session = self.live.get(backend_sid)
+        if session is not None and session.backend_id == backend_id and not session.rewritten:
+            return session
+        return self._rewritten.get((backend_id, backend_sid))
+
     def pin(self, session: Session) -> None:
         self.live[session.id] = session
+        if session.rewritten:
+            self._rewritten[(session.backend_id, session.backend_sid)] = session
         self.per_backend[session.backend_id] += 1
         if session.learned:
             self.learned_total += 1
@@ -116,6 +128,9 @@ class SessionTable:
         session = self.live.pop(sid, None)
         if session is None:
             return None
+        if session.rewritten and self._rewritten.get(
+                (session.backend_id, session.backend_sid)) is session:
+            del self._rewritten[(session.backend_id, session.backend_sid)]
         self.per_backend[session.backend_id] -= 1
         if self.per_backend[session.backend_id] <= 0:
             del self.per_backend[session.backend_id]

@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from stickyproxy import proxy
+from stickyproxy import proxy, routes
 from stickyproxy.backends import Pool
 from stickyproxy.health import CheckResult
 from stickyproxy.lifecycle import Lifecycle
@@ -191,38 +191,63 @@ async def test_a_backend_removed_before_its_new_session_answer_is_pinned_gets_no
     assert not pool._pending_of_removed
 
 
-@pytest.mark.parametrize("path", ["callback", "coroutine"])
-@pytest.mark.parametrize("holder", ["b2", "b1"])
-async def test_a_new_session_given_a_live_sessions_id(path, holder):
-    """b1 answers a new session with id s1, which a live session has. On another backend (b2),
-    the live one keeps it: the new one is refused and deleted on b1. On b1 itself, b1 has lost
-    the old one (a new session never gets a live id): the old pin ends, the new one is pinned,
-    and nothing is deleted (it would be the new one)."""
+def two_backends_one_holding_s1(holder: str, key: bytes | None):
+    """b1 and b2, up, and a live session that is s1 on `holder`; with a `key`, its client's id
+    is signed for another owner (alice) than the next request's."""
     sessions = SessionTable()
     pool = Pool(1, 1, sessions)
     pool.publish("static", [BackendSpec(b, f"http://127.0.0.1:{9 + i}", "static")
                             for i, b in enumerate(("b1", "b2"))])
-    backend = pool.backends["b1"]
     for b in pool:
         pool.record_check(b, CheckResult(True, "ok", "ok"))
         b.upstream = Deletes()
-    sessions.pin(Session("s1", holder, "", 0.0, 0.0))
+    held = routes.public_id(key, pool.backends[holder].spec.url, "s1", "alice") if key else "s1"
+    sessions.pin(Session(held, holder, "", 0.0, 0.0, owner="alice", backend_sid="s1"))
+    return sessions, pool, held
+
+
+@pytest.mark.parametrize("path", ["callback", "coroutine"])
+@pytest.mark.parametrize("key", [None, b"secret"], ids=["ids-as-given", "session-key"])
+@pytest.mark.parametrize("holder,restarted", [("b2", False), ("b1", False), ("b2", True)],
+                         ids=["other-backend", "same-backend", "other-backend-restarted-mid-request"])
+async def test_a_new_session_given_a_live_sessions_id(path, key, holder, restarted):
+    """b1 answers a new session with id s1, which a live session has. On b2 it keeps it, and the
+    new one is refused and deleted on b1 (with --session-key, the two ids differ: no clash). On
+    b1 itself, b1 has lost the old one: its pin ends, and the new one is refused and deleted all
+    the same, or the old client's id (signed for another owner, or not) would lead to it."""
+    sessions, pool, held = two_backends_one_holding_s1(holder, key)
+    backend = pool.backends["b1"]
     app, request, new = new_session_app(pool, sessions)
+    app.key = key
     assert pool.pick(None, ("b2",)) == "b1"
+    if restarted:  # the answer comes from b1's new process (a retry, or late)
+        pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static", generation="2"),
+                                pool.backends["b2"].spec])
+        pool.record_check(backend, CheckResult(True, "ok", "ok"))
     status, body = await answered(path, request, app, new, backend, "", Answer())
     await app.life.flush()
-    assert sessions.get("s1").backend_id == holder
-    assert pool.backends["b2"].upstream.calls == []
+    assert pool.backends["b2"].upstream.calls == [] and all(b.pending == 0 for b in pool)
+    if key and holder == "b2":  # no clash: as any new session
+        if restarted:
+            assert status == 500 and "restarted while it created" in body["value"]["message"]
+            assert backend.upstream.calls == [("DELETE", "/session/s1")]
+        else:
+            assert status == 200 and body["sessionId"] not in (held, "s1")
+            assert sessions.get(body["sessionId"]).backend_id == "b1"
+            assert backend.upstream.calls == []
+        assert sessions.get(held).backend_id == "b2"
+        return
+    assert status == 500 and body["value"]["error"] == "session not created", body
+    assert "session id s1, which a live session already had" in body["value"]["message"]
+    assert backend.upstream.calls == [("DELETE", "/session/s1")] and backend.errors_total == 1
     if holder == "b2":
-        assert status == 500 and body["value"]["error"] == "session not created", body
-        assert "session id s1, which a live session already has" in body["value"]["message"]
-        assert backend.upstream.calls == [("DELETE", "/session/s1")] and backend.errors_total == 1
-        assert sessions.per_backend == {"b2": 1} and not sessions.ended_by_reason
+        assert sessions.get(held).backend_id == "b2" and sessions.per_backend == {"b2": 1}
+        assert not sessions.ended_by_reason
     else:
-        assert status == 200 and body["sessionId"] == "s1"
-        assert backend.upstream.calls == [] and backend.errors_total == 0
-        assert sessions.per_backend == {"b1": 1} and sessions.ended_by_reason == {"backend_down": 1}
-    assert all(b.pending == 0 for b in pool)
+        assert sessions.get(held) is None and sessions.per_backend == {}
+        assert sessions.ended_by_reason == {"backend_down": 1}
+        assert sessions.why_ended(held).detail.startswith("its backend gave the session's id")
+    assert sessions.holder("b1", "s1") is None
 
 
 class BrokenAnswer(Answer):
@@ -335,23 +360,25 @@ async def test_a_new_session_failing_after_its_client_left_is_counted_and_logged
             in caplog.text)
 
 
-async def test_an_orphan_whose_id_a_live_session_has_is_deleted_without_touching_that_one():
-    """Its client left, and its backend gave it an id that another backend's live session has:
-    deleted where it was made, counted there, and the live session keeps its pin."""
-    sessions = SessionTable()
-    pool = Pool(1, 1, sessions)
-    pool.publish("static", [BackendSpec(b, f"http://127.0.0.1:{9 + i}", "static")
-                            for i, b in enumerate(("b1", "b2"))])
-    sessions.pin(Session("s1", "b2", "", 0.0, 0.0))
+@pytest.mark.parametrize("key", [None, b"secret"], ids=["ids-as-given", "session-key"])
+@pytest.mark.parametrize("holder", ["b2", "b1"])
+async def test_an_orphan_given_a_live_sessions_id_is_deleted_and_never_pinned(holder, key):
+    """Its client left, and b1 gave it the id of a live session: deleted on b1, counted there.
+    Another backend's session keeps its pin; b1's own (lost) ends."""
+    sessions, pool, held = two_backends_one_holding_s1(holder, key)
     backend = pool.backends["b1"]
-    backend.upstream = Deletes()
     life = lifecycle(pool, sessions)
     app = types.SimpleNamespace(pool=pool, sessions=sessions, life=life)
     proxy._orphan(app, backend, Answer(), Answer.body, "")  # (its answer: session s1)
     await life.flush()
-    assert backend.upstream.calls == [("DELETE", "/session/s1")] and backend.errors_total == 1
-    assert sessions.get("s1").backend_id == "b2" and sessions.per_backend == {"b2": 1}
-    assert sessions.created_total == 1 and not sessions.ended_by_reason
+    if key and holder == "b2":  # ids that differ: an orphan like any other
+        assert sessions.ended_by_reason == {"client_delete": 1}
+    else:
+        assert backend.errors_total == 1
+        assert sessions.ended_by_reason == ({} if holder == "b2" else {"backend_down": 1})
+    assert backend.upstream.calls == [("DELETE", "/session/s1")]
+    assert sessions.per_backend == ({"b2": 1} if holder == "b2" else {})
+    assert pool.backends["b2"].upstream.calls == []
 
 
 async def test_a_client_leaving_mid_attempt_keeps_the_slot_until_the_attempt_ends():

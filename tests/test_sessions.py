@@ -42,3 +42,15 @@ def test_missing_sessions_and_loss_reasons():
     assert reason_for_loss("oom") is EndReason.BACKEND_OOM
     assert reason_for_loss("memory") is EndReason.BACKEND_OOM
     assert reason_for_loss("exited") is EndReason.BACKEND_DOWN
+
+
+def test_holder_finds_a_backends_session_whatever_id_its_client_sees():
+    table = SessionTable()
+    table.pin(Session("1", "b1", "", 0.0, 0.0))  # the client sees the backend's id
+    table.pin(Session("signed-1", "b2", "", 0.0, 0.0, backend_sid="1"))  # a signed one
+    assert table.holder("b1", "1").id == "1" and table.holder("b2", "1").id == "signed-1"
+    assert table.holder("b3", "1") is None and table.holder("b1", "2") is None
+    table.end("signed-1", EndReason.CLIENT_DELETE)
+    assert table.holder("b2", "1") is None and table.holder("b1", "1").id == "1"
+    table.end("1", EndReason.CLIENT_DELETE)
+    assert table.holder("b1", "1") is None and not table._rewritten
