@@ -103,7 +103,7 @@ class SessionTable:
         session = self.live.get(backend_sid)
         if session is not None and session.backend_id == backend_id and not session.rewritten:
             return session
-        return self._rewritten.get((backend_id, backend_sid))
+        return self._rewritten.get((backend_id, backend_sid)) if self._rewritten else None
 
     def pin(self, session: Session) -> None:
         self.live[session.id] = session

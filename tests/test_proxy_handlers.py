@@ -224,8 +224,10 @@ async def test_a_new_session_given_a_live_sessions_id(path, key, holder, restart
         pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static", generation="2"),
                                 pool.backends["b2"].spec])
         pool.record_check(backend, CheckResult(True, "ok", "ok"))
-    status, body = await answered(path, request, app, new, backend, "", Answer())
+    answer = Answer()
+    status, body = await answered(path, request, app, new, backend, "", answer)
     await app.life.flush()
+    assert answer.released
     assert pool.backends["b2"].upstream.calls == [] and all(b.pending == 0 for b in pool)
     if key and holder == "b2":  # no clash: as any new session
         if restarted:
@@ -358,6 +360,24 @@ async def test_a_new_session_failing_after_its_client_left_is_counted_and_logged
     assert backend.errors_total == 1
     assert ('SESSION_NOT_CREATED backend=b1 reason="no answer in time; its client had left"'
             in caplog.text)
+
+
+def test_an_old_signed_id_whose_backend_gave_its_id_to_a_live_session_is_not_learned():
+    """Under --session-key, any replica routes a signed id it never saw. An old client's id names
+    s1 on b1; b1 lost that session and gave s1 to Alice's new one, pinned here. Learned, the
+    old id would drive Alice's browser: it is refused, and hers stays the only pin."""
+    key = b"secret"
+    sessions, pool, alices = two_backends_one_holding_s1("b1", key)
+    app = types.SimpleNamespace(pool=pool, sessions=sessions, key=key)
+    old = routes.public_id(key, pool.backends["b1"].spec.url, "s1", "")
+    assert old != alices
+    request = types.SimpleNamespace(principal="", app=app, timing=Timing(0.0))
+    with pytest.raises(proxy.WebDriverError, match="has given its id to another session"):
+        proxy._session_command(request, app, old, None, "/title")
+    assert sessions.per_backend == {"b1": 1} and sessions.holder("b1", "s1").id == alices
+    # an id of b2's, which no live session has there, is learned as before
+    other = routes.public_id(key, pool.backends["b2"].spec.url, "s1", "")
+    assert proxy._learn(request, app, other).backend_id == "b2"
 
 
 @pytest.mark.parametrize("key", [None, b"secret"], ids=["ids-as-given", "session-key"])
