@@ -318,12 +318,13 @@ def _learn(request: Request, app: App, public: str) -> Session | None:
     if backend_id is None:
         return None
     if app.sessions.holder(backend_id, parsed.backend_sid) is not None:
-        # Its backend's id is a live session's here under another client id: the backend lost
-        # this one and gave the id to a new session (it reuses ids). Which of the two is the
-        # live one cannot be told from the ids, so the one already pinned keeps it: a client's
-        # old id must never lead to someone else's browser.
+        # Its backend's id is a live session's here under another client id: the backend gave
+        # one id to two sessions (it lost one and reuses ids). Which one lives there cannot be
+        # told from the ids, so the one already pinned keeps it and the ids never share a
+        # browser here. (Across replicas, the stale one may be the pin: it holds until it
+        # idles out or its backend is seen down.)
         raise WebDriverError.invalid_session(
-            public, f"its backend {backend_id} has given its id to another session since")
+            public, f"another live session here has this session's id on backend {backend_id}")
     now = time.monotonic()
     session = Session(public, backend_id, app.pool.backends[backend_id].spec.generation, now, now,
                       owner=owner, backend_sid=parsed.backend_sid, learned=True,

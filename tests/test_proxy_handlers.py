@@ -372,7 +372,7 @@ def test_an_old_signed_id_whose_backend_gave_its_id_to_a_live_session_is_not_lea
     old = routes.public_id(key, pool.backends["b1"].spec.url, "s1", "")
     assert old != alices
     request = types.SimpleNamespace(principal="", app=app, timing=Timing(0.0))
-    with pytest.raises(proxy.WebDriverError, match="has given its id to another session"):
+    with pytest.raises(proxy.WebDriverError, match="another live session here has this"):
         proxy._session_command(request, app, old, None, "/title")
     assert sessions.per_backend == {"b1": 1} and sessions.holder("b1", "s1").id == alices
     # an id of b2's, which no live session has there, is learned as before
