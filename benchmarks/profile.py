@@ -3,10 +3,16 @@
     python -m benchmarks.profile overhead [--seconds 10]   # wrk, 64 conns, pinned /title on nginx
     python -m benchmarks.profile e2e [--seconds 15]        # 4 PhantomJS, C=16 sessions
     python -m benchmarks.profile newsession [--seconds 10] # POST /session + DELETE against nginx
+    python -m benchmarks.profile backends [--seconds 10]   # part 3's commands over 4, then 1,000
+                                                           # backends: where the growth goes
 
 Needs py-spy (`pip install py-spy`; a profiling tool, not a dependency of stickyproxy). Writes
 benchmarks/out/profile-<scenario>-<time>.svg (flame graph) and .txt: the share of samples by
-function, self and inclusive, from py-spy's collapsed stacks.
+function, self and inclusive, from py-spy's collapsed stacks. `backends` writes only the .txt:
+each function's self time in microseconds of the proxy's CPU per request (its share of the
+samples times the CPU per request measured over the same seconds), over 4 backends and over
+1,000 (`--backends`), and the difference. A socket call is timed inside the Python function that
+makes it (`Outbox.write` is mostly `send`), so the kernel's part of a growth shows there.
 """
 
 from __future__ import annotations
@@ -58,13 +64,14 @@ def summarize(collapsed: str, top: int = 40) -> str:
     return "\n".join(lines) + "\n"
 
 
-SYSCALL_FRAMES = ("_Connection.send ", "StreamWriter._writelines ", "Runner.run ", "Upstream._open ")
+SYSCALL_FRAMES = ("_Connection.send ", "StreamWriter._writelines ", "Runner.run ", "Upstream._open ",
+                  "Outbox.write ", "Outbox.flush ")  # (outbox.py's two call transport.write)
 
 
 def _area(frame: str) -> str:
     """Which layer a leaf frame belongs to (frames that mostly wrap one syscall count apart)."""
     if frame.startswith(SYSCALL_FRAMES) or frame.startswith("socket."):
-        return "socket syscalls and the event loop (transport.write/writelines, connect, uvloop run)"
+        return "socket syscalls and the event loop (transport.write, connect, uvloop run)"
     for key, area in (("(aiohttp/", "aiohttp server: request objects, routing, response building"),
                       ("(yarl/", "aiohttp server: request objects, routing, response building"),
                       ("(multidict/", "aiohttp server: request objects, routing, response building"),
@@ -84,10 +91,90 @@ def _pyspy(pid: int, seconds: float, out: Path, fmt: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def self_shares(collapsed: str) -> tuple[collections.Counter, int]:
+    """Self samples per function (file names without their directories), and the total."""
+    counts: collections.Counter = collections.Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            leaf = re.sub(r" \((?:/[^)]*/)?([^/)]+)\)", r" (\1)", stack.split(";")[-1])
+            counts[leaf] += int(n)
+            total += int(n)
+    return counts, total
+
+
+def per_request(collapsed: str, cpu_us_per_request: float) -> dict[str, float]:
+    """Each function's self time as microseconds of CPU per request."""
+    counts, total = self_shares(collapsed)
+    return {f: n / total * cpu_us_per_request for f, n in counts.items()} if total else {}
+
+
+def growth_table(small: dict, large: dict, labels: tuple[str, str], top: int = 25) -> str:
+    """Functions by how much their CPU per request grew from `small` to `large`."""
+    names = sorted(set(small) | set(large), key=lambda f: large.get(f, 0) - small.get(f, 0),
+                   reverse=True)
+    lines = [f"{'growth':>8} {labels[0]:>10} {labels[1]:>10}  function (self time, us per request)"]
+    for f in names[:top]:
+        a, b = small.get(f, 0.0), large.get(f, 0.0)
+        lines.append(f"{b - a:+8.2f} {a:10.2f} {b:10.2f}  {f}")
+    rest = sum(large.get(f, 0) - small.get(f, 0) for f in names[top:])
+    lines.append(f"{rest:+8.2f} {'':>10} {'':>10}  (all the others)")
+    return "\n".join(lines) + "\n"
+
+
+def _backends(stack: Stack, a, base: Path) -> str:
+    """Part 3's load (wrk, 64 connections, random picks over 1,000 pinned sessions' paths) on a
+    fresh stickyproxy over 4 nginx ports, then one over `--backends` ports, each profiled."""
+    from . import scale
+    from .e2e import wait_all_up
+
+    nginx, nports = stack.start_nginx(a.backends)
+    out, rows = [], {}
+    for nb in (4, a.backends):
+        proxy, port, sport = stack.start_stickyproxy(nports[:nb], ["--drain-timeout", "1s",
+                                                                   *a.sp_arg], config_file=True)
+        try:
+            wait_all_up(sport, nb, timeout=60)
+            ids, errors = create_sessions("127.0.0.1", port, 1_000, concurrency=64)
+            if errors:
+                sys.exit(f"POST /session failed: {sorted(set(errors))[:2]}")
+            paths = scale._paths(ids)
+            scale._warm(stack, port, paths)
+            result: dict = {}
+            load = threading.Thread(target=lambda: result.update(wrk_run(
+                stack.tmp, f"http://127.0.0.1:{port}/", connections=64,
+                duration=a.seconds + 3, paths=paths)), daemon=True)
+            load.start()
+            time.sleep(1)
+            raw = base.with_name(f"{base.name}-{nb}.collapsed")
+            cpu0, sys0, t0 = proxy.cpu(), proxy.cpu(system_only=True), time.monotonic()
+            spy = _pyspy(proxy.pid, a.seconds, raw, "raw")
+            spy.wait(a.seconds + 60)
+            cpu, kernel = proxy.cpu() - cpu0, proxy.cpu(system_only=True) - sys0
+            seconds = time.monotonic() - t0
+            load.join(a.seconds + 60)
+            requests = result["rps"] * seconds
+            cpu_us = cpu * 1e6 / requests
+            collapsed = re.sub(r":\d+\)", ")", raw.read_text())
+            rows[nb] = per_request(collapsed, cpu_us)
+            out.append(f"{nb:,} backends: {result['rps']:.0f} req/s, {cpu_us:.2f} us of CPU per "
+                       f"request ({kernel * 1e6 / requests:.2f} in the kernel)")
+        finally:
+            stack.stop(proxy, timeout=60)
+    stack.stop(nginx)
+    return ("scenario backends: wrk at 64 connections over 1,000 pinned sessions, random picks\n"
+            + "\n".join(out) + "\n\n"
+            + growth_table(rows[4], rows[a.backends], ("4", f"{a.backends:,}")))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.profile")
-    ap.add_argument("scenario", choices=("overhead", "e2e", "newsession"))
+    ap.add_argument("scenario", choices=("overhead", "e2e", "newsession", "backends"))
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--backends", type=int, default=1_000, help="backends: the larger count")
+    ap.add_argument("--sp-arg", action="append", default=[],
+                    help="backends: extra argument for stickyproxy serve (repeatable)")
     ap.add_argument("--all-samples", action="store_true",
                     help="count samples not holding the GIL too (default: --gil, CPU in Python only)")
     ap.add_argument("--stickyproxy-ref", default="HEAD",
@@ -101,8 +188,18 @@ def main() -> int:
     base = OUT / f"profile-{a.scenario}-{stamp}"
     stack = Stack()
     if a.stickyproxy_ref != "worktree":
-        print(f"stickyproxy at {stack.use_ref(a.stickyproxy_ref)}")
+        made = f"stickyproxy at {stack.use_ref(a.stickyproxy_ref)}"
+        print(made)
+    else:
+        made = "stickyproxy from the working tree"
+    made += f", {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, `python -m benchmarks.profile {' '.join(sys.argv[1:])}`\n"
     try:
+        if a.scenario == "backends":
+            text = made + _backends(stack, a, base)
+            base.with_suffix(".txt").write_text(text)
+            print(text)
+            print(f"wrote {base}.txt")
+            return 0
         if a.scenario in ("overhead", "newsession"):
             nginx, (nport,) = stack.start_nginx(1)
             proxy, port, sport = stack.start_stickyproxy([nport])
@@ -147,7 +244,7 @@ def main() -> int:
         collapsed = base.with_suffix(".collapsed").read_text()
         if not a.function_lines:
             collapsed = re.sub(r":\d+\)", ")", collapsed)
-        text = f"scenario {a.scenario}, proxy busy {busy * 100:.0f}% of one core\n" + summarize(collapsed)
+        text = made + f"scenario {a.scenario}, proxy busy {busy * 100:.0f}% of one core\n" + summarize(collapsed)
         base.with_suffix(".txt").write_text(text)
         print(text)
         print(f"wrote {base}.svg / .txt / .collapsed")
