@@ -470,7 +470,7 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
             data = answer.ready_body()
         if data is None:
             if request.gone:  # nobody to retry for, or to answer
-                _abandoned(request, app, backend, answer, exc)
+                _abandoned(request, app, backend, generation, answer, exc)
                 reserved = False
                 _observe(request, 499)
                 return
@@ -485,7 +485,7 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
             return
         try:  # pinned before the reservation is released, so the slot is never handed twice
             if request.gone:  # the client left while the backend created its session
-                _orphan(app, backend, answer, data, request.principal)
+                _orphan(app, backend, generation, answer, data, request.principal)
                 _observe(request, 499)  # as _answer_when_done counts a client gone
                 return
             try:
@@ -509,8 +509,8 @@ def _new_session_answered(request: Request, app: App, new: NewSession, backend: 
     request.finish()
 
 
-def _abandoned(request: Request, app: App, backend: Backend, answer: Response | None,
-               exc: BaseException | None) -> None:
+def _abandoned(request: Request, app: App, backend: Backend, generation: str,
+               answer: Response | None, exc: BaseException | None) -> None:
     """A new session whose client left before its answer failed or came whole: no retry
     elsewhere for nobody; a session the rest of the answer brings is orphaned (`_orphaned`)."""
     if exc is not None:
@@ -520,7 +520,7 @@ def _abandoned(request: Request, app: App, backend: Backend, answer: Response | 
         app.pool.release(backend.id)
         return
     asyncio.ensure_future(_rest_of(request, answer)).add_done_callback(
-        partial(_orphaned_then_release, app, backend, backend.id, request.principal))
+        partial(_orphaned_then_release, app, backend, generation, backend.id, request.principal))
 
 
 async def _new_session(request: Request, app: App, new: NewSession | None = None,
@@ -568,8 +568,8 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
                 # The backend may still create the session: its slot stays reserved until
                 # the attempt ends and the session is pinned (then ended), as `_abandoned`
                 # keeps it. Released now, the queue could fill it meanwhile: one over the cap.
-                attempt.add_done_callback(partial(_orphaned_then_release, app, backend, current,
-                                                  request.principal))
+                attempt.add_done_callback(partial(_orphaned_then_release, app, backend,
+                                                  generation, current, request.principal))
                 current = None
                 raise
             finally:
@@ -674,7 +674,7 @@ async def _rest_of(request: Request, answer: Response) -> tuple[Response, bytes]
         raise
 
 
-def _orphaned(app: App, backend: Backend, attempt: asyncio.Future,
+def _orphaned(app: App, backend: Backend, generation: str, attempt: asyncio.Future,
               owner: str) -> None:
     """The done callback of an attempt whose client left while it ran (see `_orphan`)."""
     if attempt.cancelled():
@@ -691,54 +691,82 @@ def _orphaned(app: App, backend: Backend, attempt: asyncio.Future,
         return
     answer, data = attempt.result()
     answer.release()
-    _orphan(app, backend, answer, data, owner)
+    _orphan(app, backend, generation, answer, data, owner)
 
 
-def _orphaned_then_release(app: App, backend: Backend, backend_id: str, owner: str,
-                           attempt: asyncio.Future) -> None:
+def _orphaned_then_release(app: App, backend: Backend, generation: str, backend_id: str,
+                           owner: str, attempt: asyncio.Future) -> None:
     """`_orphaned`, then the slot the attempt held given back."""
     try:  # pinned before the reservation is released, as always
-        _orphaned(app, backend, attempt, owner)
+        _orphaned(app, backend, generation, attempt, owner)
     finally:
         app.pool.release(backend_id)
 
 
-def _orphan(app: App, backend: Backend, answer: Response, data: bytes, owner: str) -> None:
+def _orphan(app: App, backend: Backend, generation: str, answer: Response, data: bytes,
+            owner: str) -> None:
     """A new session whose client left before its answer: pinned and ended at once (deleted on
-    the backend), so it is counted and logged instead of leaking."""
+    the backend), so it is counted and logged instead of leaking (`generation`: the backend's
+    when the request was sent)."""
     try:
         sid = session_id_of(json.loads(data)) if 200 <= answer.status < 300 else None
     except ValueError:
         sid = None
-    if sid and not _id_in_use(app, backend, sid, sid):
+    if not sid:
+        return
+    if app.pool.backends.get(backend.id) is not backend:  # removed or moved: as `_pin` says
+        app.pool.count_error(backend)
+        log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="backend removed while it '
+                    'created the session, and its client had left; left on it"', backend.id, sid)
+        return
+    if _id_in_use(app, backend, generation, sid, sid) is None:
         now = time.monotonic()
         app.sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now, owner=owner))
         app.life.end(sid, EndReason.CLIENT_DELETE, "client left before the new session answer")
 
 
-def _id_in_use(app: App, backend: Backend, public: str, sid: str) -> bool:
-    """Whether a new session's id is a live session's already: `public` as the table keys it,
-    or `sid`, the backend's own, on that backend (under --session-key, another owner's session
-    there has another public id). Then the new session is deleted where it was made, counted
-    and logged, and not pinned: a live session's client would be sent to it, or to the wrong
-    backend.
+def _id_in_use(app: App, backend: Backend, generation: str, public: str,
+               sid: str) -> Session | None:
+    """The live session that already has a new session's id, if any: `public` as the table keys
+    it, or `sid`, the backend's own, on that backend (under --session-key, another owner's
+    session there has another public id). Then the new session is not pinned (a live session's
+    client would be sent to it, or to the wrong backend): counted, logged, and deleted where it
+    was made. `generation`: the backend's when the new session's request was sent.
 
     Another backend's live session keeps its id: a backend that numbers its sessions (1, 2,
     ...) gives out ids that another one already gave. A backend that gives out the id of one
     of its own live sessions has lost that one (restarted faster than health checks notice,
     or it reuses the ids of sessions it ended): its pin ends, not deleted there (that would
-    delete the new one), so its client learns why."""
+    delete the new one), so its client learns why. Unless the backend's process was replaced
+    while the request was out: the answer may be the old process's, whose ids the new one
+    gives out again, so nothing on the new process is touched (a DELETE would end the live
+    session there)."""
     other = app.sessions.get(public) or app.sessions.holder(backend.id, sid)
     if other is None:
-        return False
+        return None
     app.pool.count_error(backend)
     log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="id in use by a live session '
                 'on %s"', backend.id, sid, other.backend_id)
-    if other.backend_id == backend.id:
+    if other.backend_id != backend.id:
+        app.life.delete(backend, sid)
+    elif generation == backend.spec.generation:
         app.sessions.end(other.id, EndReason.BACKEND_DOWN,
                          "its backend gave the session's id to a new session: it was lost there")
-    app.life.delete(backend, sid)
-    return True
+        app.life.delete(backend, sid)
+    return other
+
+
+def _id_in_use_message(backend: Backend, generation: str, sid: str, other: Session) -> str:
+    said = f"backend {backend.id} answered with session id {sid}, which a live session "
+    if other.backend_id != backend.id:
+        return (said + f"on backend {other.backend_id} has; the new session was deleted there "
+                "(try again). Backends must not share session ids: with --session-key, ids "
+                "carry their backend and cannot clash across backends")
+    if generation != backend.spec.generation:
+        return (said + "of its new process has: it was restarted while it created this one, "
+                "which was dropped (try again)")
+    return (said + "of its own had: that one was lost there and has ended, and the new one was "
+            "deleted (try again)")
 
 
 def _bridged_new_session(request: Request, app: App, backend: Backend,
@@ -820,12 +848,9 @@ def _pin(request: Request, app: App, backend: Backend, generation: str, answer: 
     public = sid
     if app.key:  # the client's id carries its signed route (routes.py)
         public = routes.public_id(app.key, backend.spec.url, sid, owner, bridged is not None)
-    if _id_in_use(app, backend, public, sid):
-        raise WebDriverError.session_not_created(
-            f"backend {backend.id} answered with session id {sid}, which a live session already "
-            "had; the new session was deleted there (try again). Backends must not share "
-            "session ids: with --session-key, ids carry their backend and cannot clash across "
-            "backends")
+    other = _id_in_use(app, backend, generation, public, sid)
+    if other is not None:
+        raise WebDriverError.session_not_created(_id_in_use_message(backend, generation, sid, other))
     now = time.monotonic()
     if backend.spec.generation != generation:
         # Its process was replaced while the request was out, and the replacement ended the

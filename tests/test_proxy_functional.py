@@ -204,7 +204,9 @@ def test_a_session_id_another_backend_already_gave_is_refused_not_pinned_over(
     second = next(s for s in numbering_backends if s is not first)
     status, body, _ = http_json(proxy.url + "/session", "POST", {"desiredCapabilities": {}})
     assert status == 500 and body["value"]["error"] == "session not created", body
-    assert "session id 1, which a live session already had" in body["value"]["message"]
+    first_id = next(b["id"] for b in proxy.stats()["backends"]
+                    if b["url"] == f"http://127.0.0.1:{first.server_address[1]}")
+    assert f"session id 1, which a live session on backend {first_id} has" in body["value"]["message"]
     wait_for(lambda: second.deleted == ["1"], 10, what="the clashing session deleted")
     assert http_json(proxy.url + "/session/1/title")[1]["value"] == first.name
     assert len(proxy.log(r'SESSION_NOT_CREATED .*session=1 reason="id in use')) == 1

@@ -208,30 +208,37 @@ def two_backends_one_holding_s1(holder: str, key: bytes | None):
 
 @pytest.mark.parametrize("path", ["callback", "coroutine"])
 @pytest.mark.parametrize("key", [None, b"secret"], ids=["ids-as-given", "session-key"])
-@pytest.mark.parametrize("holder,restarted", [("b2", False), ("b1", False), ("b2", True)],
-                         ids=["other-backend", "same-backend", "other-backend-restarted-mid-request"])
+@pytest.mark.parametrize("holder,restarted", [("b2", False), ("b1", False), ("b2", True), ("b1", True)],
+                         ids=["other-backend", "same-backend", "other-backend-restarted-mid-request",
+                              "same-backend-restarted-mid-request"])
 async def test_a_new_session_given_a_live_sessions_id(path, key, holder, restarted):
     """b1 answers a new session with id s1, which a live session has. On b2 it keeps it, and the
     new one is refused and deleted on b1 (with --session-key, the two ids differ: no clash). On
     b1 itself, b1 has lost the old one: its pin ends, and the new one is refused and deleted all
-    the same, or the old client's id (signed for another owner, or not) would lead to it."""
+    the same, or the old client's id (signed for another owner, or not) would lead to it. Unless
+    b1's process was replaced while the request was out and the new one's live session has the
+    id: the answer may be the old process's, and the new one's session is left alone."""
     sessions, pool, held = two_backends_one_holding_s1(holder, key)
     backend = pool.backends["b1"]
     app, request, new = new_session_app(pool, sessions)
     app.key = key
     assert pool.pick(None, ("b2",)) == "b1"
-    if restarted:  # the answer comes from b1's new process (a retry, or late)
+    if restarted:  # the answer comes from b1's old process or its new one (a retry, or late)
         pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:9", "static", generation="2"),
                                 pool.backends["b2"].spec])
         pool.record_check(backend, CheckResult(True, "ok", "ok"))
+        if holder == "b1":  # the old process's session ended with it; the new one gave s1 out
+            assert sessions.get(held) is None
+            sessions.pin(Session(held, "b1", "2", 0.0, 0.0, owner="alice", backend_sid="s1"))
     answer = Answer()
     status, body = await answered(path, request, app, new, backend, "", answer)
     await app.life.flush()
+    message = body["value"]["message"] if status == 500 else ""
     assert answer.released
     assert pool.backends["b2"].upstream.calls == [] and all(b.pending == 0 for b in pool)
     if key and holder == "b2":  # no clash: as any new session
         if restarted:
-            assert status == 500 and "restarted while it created" in body["value"]["message"]
+            assert status == 500 and "restarted while it created" in message
             assert backend.upstream.calls == [("DELETE", "/session/s1")]
         else:
             assert status == 200 and body["sessionId"] not in (held, "s1")
@@ -240,16 +247,25 @@ async def test_a_new_session_given_a_live_sessions_id(path, key, holder, restart
         assert sessions.get(held).backend_id == "b2"
         return
     assert status == 500 and body["value"]["error"] == "session not created", body
-    assert "session id s1, which a live session already had" in body["value"]["message"]
-    assert backend.upstream.calls == [("DELETE", "/session/s1")] and backend.errors_total == 1
+    assert backend.errors_total == 1
     if holder == "b2":
+        assert "which a live session on backend b2 has; the new session was deleted" in message
+        assert backend.upstream.calls == [("DELETE", "/session/s1")]
         assert sessions.get(held).backend_id == "b2" and sessions.per_backend == {"b2": 1}
         assert not sessions.ended_by_reason
+        assert sessions.holder("b1", "s1") is None
+    elif restarted:
+        assert "which a live session of its new process has" in message
+        assert backend.upstream.calls == []  # (a DELETE of s1 would end the new one's session)
+        assert sessions.get(held).generation == "2" and sessions.per_backend == {"b1": 1}
+        assert sessions.ended_by_reason == {"backend_down": 1}  # (the old process's, at restart)
     else:
+        assert "which a live session of its own had: that one was lost there" in message
+        assert backend.upstream.calls == [("DELETE", "/session/s1")]
         assert sessions.get(held) is None and sessions.per_backend == {}
         assert sessions.ended_by_reason == {"backend_down": 1}
         assert sessions.why_ended(held).detail.startswith("its backend gave the session's id")
-    assert sessions.holder("b1", "s1") is None
+        assert sessions.holder("b1", "s1") is None
 
 
 class BrokenAnswer(Answer):
@@ -356,10 +372,27 @@ async def test_a_new_session_failing_after_its_client_left_is_counted_and_logged
     app = types.SimpleNamespace(pool=pool, sessions=sessions)
     attempt = asyncio.get_running_loop().create_future()
     attempt.set_exception(TimeoutError())
-    proxy._orphaned(app, backend, attempt, "")
+    proxy._orphaned(app, backend, "", attempt, "")
     assert backend.errors_total == 1
     assert ('SESSION_NOT_CREATED backend=b1 reason="no answer in time; its client had left"'
             in caplog.text)
+
+
+async def test_an_orphan_of_a_backend_removed_meanwhile_is_counted_and_left_on_it(caplog):
+    """As `_pin` does for a client still there: removal ended the backend's sessions and
+    deletes none, and a live session of a backend re-added under its id is not touched."""
+    sessions, pool, held = two_backends_one_holding_s1("b1", None)
+    gone = pool.backends["b1"]
+    pool.publish("static", [BackendSpec("b1", "http://127.0.0.1:10", "static"),
+                            pool.backends["b2"].spec])  # b1 moved: a new Backend under its id
+    sessions.pin(Session("s1", "b1", "", 0.0, 0.0))  # and its own s1, live
+    life = lifecycle(pool, sessions)
+    app = types.SimpleNamespace(pool=pool, sessions=sessions, life=life)
+    proxy._orphan(app, gone, "", Answer(), Answer.body, "")  # the old b1's answer: s1
+    await life.flush()
+    assert gone.errors_total == 1 and gone.upstream.calls == []
+    assert sessions.get("s1").backend_id == "b1" and "left on it" in caplog.text
+    assert pool.backends["b1"].errors_total == 0
 
 
 def test_an_old_signed_id_whose_backend_gave_its_id_to_a_live_session_is_not_learned():
@@ -389,7 +422,7 @@ async def test_an_orphan_given_a_live_sessions_id_is_deleted_and_never_pinned(ho
     backend = pool.backends["b1"]
     life = lifecycle(pool, sessions)
     app = types.SimpleNamespace(pool=pool, sessions=sessions, life=life)
-    proxy._orphan(app, backend, Answer(), Answer.body, "")  # (its answer: session s1)
+    proxy._orphan(app, backend, "", Answer(), Answer.body, "")  # (its answer: session s1)
     await life.flush()
     if key and holder == "b2":  # ids that differ: an orphan like any other
         assert sessions.ended_by_reason == {"client_delete": 1}
