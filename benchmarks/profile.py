@@ -8,8 +8,8 @@
 
 Needs py-spy (`pip install py-spy`; a profiling tool, not a dependency of stickyproxy). Writes
 benchmarks/out/profile-<scenario>-<time>.svg (flame graph) and .txt: the share of samples by
-function, self and inclusive, from py-spy's collapsed stacks. `backends` writes only the .txt:
-each function's self time in microseconds of the proxy's CPU per request (its share of the
+function, self and inclusive, from py-spy's collapsed stacks. `backends` writes the .txt and
+each count's raw samples (.collapsed), no flame graph. Its .txt has each function's self time in microseconds of the proxy's CPU per request (its share of the
 samples times the CPU per request measured over the same seconds), over 4 backends and over
 1,000 (`--backends`), and the difference. A socket call is timed inside the Python function that
 makes it (`Outbox.write` is mostly `send`), so the kernel's part of a growth shows there.
@@ -92,7 +92,8 @@ def _pyspy(pid: int, seconds: float, out: Path, fmt: str) -> subprocess.Popen:
 
 
 def self_shares(collapsed: str) -> tuple[collections.Counter, int]:
-    """Self samples per function (file names without their directories), and the total."""
+    """Self samples per function (absolute directories dropped, as `summarize` does), and the
+    total."""
     counts: collections.Counter = collections.Counter()
     total = 0
     for line in collapsed.splitlines():
@@ -129,6 +130,8 @@ def _backends(stack: Stack, a, base: Path) -> str:
     from . import scale
     from .e2e import wait_all_up
 
+    if a.backends <= 4:
+        sys.exit("--backends: more than 4 (the first profile is over 4)")
     nginx, nports = stack.start_nginx(a.backends)
     out, rows = [], {}
     for nb in (4, a.backends):
@@ -150,10 +153,13 @@ def _backends(stack: Stack, a, base: Path) -> str:
             raw = base.with_name(f"{base.name}-{nb}.collapsed")
             cpu0, sys0, t0 = proxy.cpu(), proxy.cpu(system_only=True), time.monotonic()
             spy = _pyspy(proxy.pid, a.seconds, raw, "raw")
-            spy.wait(a.seconds + 60)
+            if spy.wait(a.seconds + 60) != 0 or not raw.exists():
+                sys.exit(f"py-spy failed: {spy.stderr.read().decode(errors='replace')[-300:]}")
             cpu, kernel = proxy.cpu() - cpu0, proxy.cpu(system_only=True) - sys0
             seconds = time.monotonic() - t0
             load.join(a.seconds + 60)
+            if not result.get("rps") or result.get("errors"):
+                sys.exit(f"wrk over {nb} backends: {result.get('errors', 'no result')} errors")
             requests = result["rps"] * seconds
             cpu_us = cpu * 1e6 / requests
             collapsed = re.sub(r":\d+\)", ")", raw.read_text())

@@ -523,11 +523,11 @@ def markdown(results: dict) -> str:
         L.append("")
         if any(c.startswith("missed") for _, _, c in t):
             L += ["Where the time goes, for the targets missed: py-spy profiles in "
-                  "[profiles/](profiles/) (`e2e.txt`: the proxy's samples under the end-to-end load, "
+                  "`benchmarks/profiles/` (`e2e.txt`: the proxy's samples under the end-to-end load, "
                   "most inside its socket writes; `backends.txt`: each function's CPU per request "
                   "over 4 and over 1,000 backends, and the growth), made by `python -m benchmarks.profile "
-                  "e2e|backends` on the code measured here, apart from this run. README.md \"Speed\" "
-                  "explains both misses.", ""]
+                  "e2e|backends` apart from this run (each file's first line names the code it "
+                  "profiled). README.md \"Speed\" explains the misses.", ""]
     return "\n".join(L)
 
 
