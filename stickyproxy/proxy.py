@@ -714,15 +714,25 @@ def _orphan(app: App, backend: Backend, generation: str, answer: Response, data:
         sid = None
     if not sid:
         return
-    if app.pool.backends.get(backend.id) is not backend:  # removed or moved: as `_pin` says
-        app.pool.count_error(backend)
-        log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="backend removed while it '
-                    'created the session, and its client had left; left on it"', backend.id, sid)
+    if _removed_meanwhile(app, backend, sid, ", and its client had left"):
         return
     if _id_in_use(app, backend, generation, sid, sid) is None:
         now = time.monotonic()
         app.sessions.pin(Session(sid, backend.id, backend.spec.generation, now, now, owner=owner))
         app.life.end(sid, EndReason.CLIENT_DELETE, "client left before the new session answer")
+
+
+def _removed_meanwhile(app: App, backend: Backend, sid: str, why: str = "") -> bool:
+    """Whether a new session's backend was removed (or re-added at a new address) while the
+    request was out; then the session is counted and logged, not pinned. Removal ends its
+    sessions and leaves answers in flight to arrive, so this one would be pinned to a backend
+    that is gone. Like the sessions removal ended, it is not deleted there."""
+    if app.pool.backends.get(backend.id) is backend:
+        return False
+    app.pool.count_error(backend)
+    log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="backend removed while it '
+                'created the session%s; left on it"', backend.id, sid, why)
+    return True
 
 
 def _id_in_use(app: App, backend: Backend, generation: str, public: str,
@@ -835,13 +845,7 @@ def _pin(request: Request, app: App, backend: Backend, generation: str, answer: 
         log.warning('SESSION_NOT_CREATED backend=%s reason="answer has no session id"', backend.id)
         raise WebDriverError.session_not_created(
             f"backend {backend.id} answered the new session without a session id")
-    if app.pool.backends.get(backend.id) is not backend:
-        # Removed (or re-added at a new address) while the request was out: removal ends
-        # its sessions and leaves answers in flight to arrive, so this one would be pinned to
-        # a backend that is gone. Like the sessions removal ended, it is not deleted there.
-        app.pool.count_error(backend)
-        log.warning('SESSION_NOT_CREATED backend=%s session=%s reason="backend removed while '
-                    'it created the session; left on it"', backend.id, sid)
+    if _removed_meanwhile(app, backend, sid):
         raise WebDriverError.session_not_created(
             f"backend {backend.id} was removed while it created this session")
     owner = request.principal
