@@ -57,6 +57,11 @@ _METHODS = {m.encode(): m for m in ("GET", "POST", "DELETE", "PUT", "HEAD", "OPT
 LATER = object()  # a handler's "answered from a callback, which calls Request.finish"
 
 
+def _bodiless(status: int) -> bool:
+    """Answers that have no body, nor a length or chunking to frame one (RFC 9110 6.4.1)."""
+    return status < 200 or status == 204 or status == 304
+
+
 class BadRequest(Exception):
     """The bytes on the connection are not a request we will parse."""
 
@@ -219,14 +224,22 @@ class Request:
         """Answer with a body written as `chunks` yields it, at the client's pace. Without a
         `length` it is sent chunked (or close-delimited to an HTTP/1.0 client)."""
         self.sent = True
+        conn = self._conn
+        if _bodiless(status):
+            # No body and no framing, whatever came (RFC 9110 6.4.1): a client reads none, so a
+            # chunked terminator would be read as the start of the next answer.
+            async for _ in chunks:
+                pass
+            conn.write(conn.head(status, headers, not self.keep_alive) + b"\r\n",
+                       not self.keep_alive)
+            return
         close = not self.keep_alive or (length is None and self._http10)
-        head = self._conn.head(status, headers, close)
+        head = conn.head(status, headers, close)
         framed = length is None and not self._http10
         if length is not None:
             head += b"Content-Length: %d\r\n" % length
         elif framed:
             head += b"Transfer-Encoding: chunked\r\n"
-        conn = self._conn
         # (written at once, not gathered: the client's pace, seen at drain(), rules a stream)
         conn.write(head + b"\r\n", False, now=True)
         async for chunk in chunks:
@@ -315,6 +328,14 @@ class Connection(asyncio.Protocol):
         self._chunked = False
         self._expect = False
         self._parsing: Request | None = None
+        # Bytes fed since the parser last handed us a header or body bytes. httptools gathers a
+        # header whole before its callback, each piece copied onto the last (quadratic): a
+        # header that never ends must be refused while it grows, not once it is whole. This
+        # counts only what arrived without a callback, so it is at most the request line plus
+        # the header being read: over twice the longest allowed, the head is refused.
+        self._unparsed = 0
+        self._head_limit = 2 * port.max_header_size + 256
+        self._trailers = 0
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -363,6 +384,7 @@ class Connection(asyncio.Protocol):
             # drops it, and counts it as a sign of life).
             self.last_active = self.loop.time()
             return
+        self._unparsed += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -371,6 +393,10 @@ class Connection(asyncio.Protocol):
             # A BadRequest raised by our callbacks arrives wrapped as "User callback error".
             cause = exc.__context__ if isinstance(exc.__context__, BadRequest) else exc
             self._bad(str(cause) or type(cause).__name__)
+        else:
+            if self._unparsed > self._head_limit:
+                self._bad(f"a request line or header longer than {self.port.max_header_size} "
+                          f"bytes (--max-header-size)")
         # Handlers start here, after the parser is done with the data, never inside its callbacks.
         if self.waiting and not self.busy:
             self._serve()
@@ -441,6 +467,9 @@ class Connection(asyncio.Protocol):
         """A whole answer in one write (`length`: a HEAD answer's, whose body is not sent)."""
         if not isinstance(headers, (bytes, bytearray)):
             headers = b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers)
+        if status == 204 or status == 304 or status < 200:  # (see _bodiless)
+            self.write(self.head(status, headers, close) + b"\r\n", close)
+            return
         self.write(b"HTTP/1.1 %d %b\r\n%b%bContent-Length: %d\r\n\r\n%b" % (
             status, _REASONS.get(status, b"Unknown"), headers,
             b"Connection: close\r\n" if close else b"", len(body) if length is None else length,
@@ -514,6 +543,14 @@ class Connection(asyncio.Protocol):
             raise BadRequest(f"request target longer than {self.port.max_header_size} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._unparsed = 0
+        if self._parsing is not None:
+            # A trailer field (after a chunked body): not a header of this request, and never
+            # one of the next (llhttp reports it here, after this request's head was taken).
+            self._trailers += 1
+            if self._trailers > 100:
+                raise BadRequest("more than 100 trailer fields")
+            return
         if len(name) + len(value) > self.port.max_header_size:
             raise BadRequest(f"header {name[:40].decode('latin-1')!r} longer than "
                              f"{self.port.max_header_size} bytes")
@@ -531,6 +568,7 @@ class Connection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._unparsed = 0
         parser = self.parser
         has_body = self._chunked or bool(self._length)
         body = Body(self, self.port.max_body) if has_body else None
@@ -557,9 +595,11 @@ class Connection(asyncio.Protocol):
             self.pause_reading()
 
     def on_body(self, data: bytes) -> None:
+        self._unparsed = 0
         self._parsing.body.feed(data)
 
     def on_message_complete(self) -> None:
+        self._unparsed = self._trailers = 0
         request = self._parsing
         if request is not None:
             self._parsing = None

@@ -48,6 +48,15 @@ class Echo:
                         yield b"x" * 65536
                 await request.stream(200, [JSON], flood())
                 return
+            if request.target == "/204-streamed":  # a relayed answer without a length
+                async def nothing():
+                    return
+                    yield
+                await request.stream(204, [JSON], nothing())
+                return
+            if request.target == "/204":
+                request.send(204, [JSON], b"")
+                return
             if request.target == "/stream":
                 async def parts():
                     for i in range(3):
@@ -258,6 +267,60 @@ async def test_unparseable_requests_get_the_bad_request_answer_and_the_connectio
     status, _, body = await last_answer(port, data)
     assert status == 400
     assert why.lower() in json.loads(body)["value"]["message"].lower()
+
+
+async def test_a_header_that_never_ends_is_refused_while_it_grows(port):
+    """httptools copies a header whole, piece by piece, before the length check could see it:
+    a header sent without end cost the event loop quadratic time (seconds for 100 MB) and its
+    memory, for every client, before any answer."""
+    reader, writer = await connect(port)
+    writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    answered = asyncio.ensure_future(read_answer(reader))
+    for _ in range(20):  # 20 KB, in pieces, never ended: refused once past twice the limit
+        if answered.done():
+            break
+        writer.write(b"a" * 1000)
+        await asyncio.sleep(0.02)
+    status, headers, body = await asyncio.wait_for(answered, 5)
+    assert status == 400 and headers["connection"] == "close"
+    assert "longer than 1024 bytes" in json.loads(body)["value"]["message"]
+    assert port.echo.started == []
+
+
+async def test_the_longest_target_and_header_allowed_in_pieces_are_served(port):
+    reader, writer = await connect(port)
+    target = "/" + "t" * 1000
+    for piece in (f"GET {target} HTTP/1.1\r\n".encode(), b"Cookie: " + b"c" * 1000 + b"\r\n",
+                  b"X-A: 1\r\n\r\n"):
+        writer.write(piece)
+        await asyncio.sleep(0.05)  # (each its own read)
+    status, _, body = await read_answer(reader)
+    assert status == 200 and json.loads(body)["target"] == target
+
+
+async def test_trailers_of_a_chunked_body_are_not_headers_of_the_next_request(port):
+    """llhttp reports trailer fields after the head was taken: they were added to the next
+    request's headers (an Authorization trailer would have authenticated it)."""
+    reader, writer = await connect(port)
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n0\r\nCookie: from-a-trailer\r\n\r\n" + get("/next"))
+    first = json.loads((await read_answer(reader))[2])
+    second = json.loads((await read_answer(reader))[2])
+    assert first["body"] == "abc" and first["cookie"] is None
+    assert second["target"] == "/next" and second["cookie"] is None
+
+
+@pytest.mark.parametrize("target", ["/204", "/204-streamed"])
+async def test_an_answer_without_a_body_has_no_length_nor_chunks(port, target):
+    """RFC 9110: a 204 has no body; a chunked terminator after it was read by strict
+    clients as the start of the next answer."""
+    reader, writer = await connect(port)
+    writer.write(get(target) + get("/a"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 204 ")
+    assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
+    status, _, body = await read_answer(reader)  # the next answer follows at once
+    assert status == 200 and json.loads(body)["target"] == "/a"
 
 
 async def test_garbage_after_a_good_request_is_answered_after_it(port):
