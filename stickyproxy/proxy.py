@@ -355,16 +355,16 @@ async def _relay(request: Request, answer: Response, backend: Backend,
             body = answer.ready_body()  # all here: the head was awaited with it
             if body is None:
                 began = time.perf_counter()
-                body = await answer.read()
+                body = await answer.read(request.app.timeout)
                 timing.backend += time.perf_counter() - began
             if backend_sid:
                 body = body.replace(backend_sid.encode(), sid.encode())
             return Reply(answer.status, headers, body)
         rewriter = routes.Rewriter(backend_sid.encode(), sid.encode()) if backend_sid else None
         began = time.perf_counter()
-        await request.stream(answer.status, headers, _rewrite_stream(answer.chunks(), rewriter)
-                             if rewriter else answer.chunks(),
-                             length if rewriter is None else None)
+        chunks = answer.chunks(request.app.timeout)  # (each within it: a stall ends the answer)
+        await request.stream(answer.status, headers, _rewrite_stream(chunks, rewriter)
+                             if rewriter else chunks, length if rewriter is None else None)
         timing.backend += time.perf_counter() - began  # streamed at the backend's pace
         return Reply(answer.status, headers, None)
     except (UpstreamError, TimeoutError) as exc:
@@ -911,7 +911,7 @@ def _sender(request: Request, app: App, backend: Backend, sid: str):
 async def _result(request: Request, answer: Response) -> tuple[int, object]:
     """A bridged call's answer read whole and released: (status, parsed body)."""
     try:
-        raw = await request.timing.on_backend(answer.read())
+        raw = await request.timing.on_backend(answer.read(request.app.timeout))
     finally:
         answer.release()
     return answer.status, _parsed(raw)

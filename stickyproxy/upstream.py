@@ -306,8 +306,10 @@ class _Connection(asyncio.Protocol):
         finally:
             timer.cancel()
 
-    async def next_chunk(self) -> bytes:
-        """The next piece of the body, b"" at its end."""
+    async def next_chunk(self, timeout: float | None = None) -> bytes:
+        """The next piece of the body, b"" at its end; TimeoutError if none comes within
+        `timeout` seconds (the head's deadline is over: a backend that stalls mid-body would
+        hold the client and a backend slot for good)."""
         while True:
             if self._buffered:
                 chunk = self._first
@@ -324,13 +326,19 @@ class _Connection(asyncio.Protocol):
                 return b""
             if self._exc is not None:
                 raise self._exc
-            self._waiter = self._loop.create_future()
-            await self._waiter
-            self._waiter = None
+            self._waiter = waiter = self._loop.create_future()
+            timer = (self._loop.call_later(timeout, _stalled, waiter, timeout)
+                     if timeout else None)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
 
-    async def read_body(self) -> bytes:
+    async def read_body(self, timeout: float | None = None) -> bytes:
         parts = []
-        while chunk := await self.next_chunk():
+        while chunk := await self.next_chunk(timeout):
             parts.append(chunk)
         return b"".join(parts)
 
@@ -342,6 +350,11 @@ _SLACK = 0.001  # a timer may fire up to a millisecond early (the loop's clock r
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
+
+
+def _stalled(future: asyncio.Future, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError(f"no byte of the answer's body for {timeout:g}s"))
 
 
 class Slots:
@@ -422,11 +435,12 @@ class Response:
             return data
         return None
 
-    async def read(self) -> bytes:
-        return await self._conn.read_body()
+    async def read(self, timeout: float | None = None) -> bytes:
+        """The whole body; TimeoutError if the backend sends none of it for `timeout` s."""
+        return await self._conn.read_body(timeout)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while chunk := await self._conn.next_chunk():
+    async def chunks(self, timeout: float | None = None) -> AsyncIterator[bytes]:
+        while chunk := await self._conn.next_chunk(timeout):
             yield chunk
 
     def release(self) -> None:

@@ -207,11 +207,13 @@ class FakeBackend:
     session answered after a second), "chunked_new" (a new session answered chunked),
     "slow_chunked_new" (both), "refuse_after_new" (chunked_new with Connection: close, then it refuses connections),
     "close_delimited" (answers without a length, ended by closing the connection), "big" (a
-    command answered with a 2 MiB value). With `cut_commands`, the commands of a session other
+    command answered with a 2 MiB value), "stall_body" (a command's head and first chunk, then
+    nothing for 30 s), "no_content" (commands answered 204, no body). With `cut_commands`, the commands of a session other
     than DELETE are cut off whatever the mode; with `cut_deletes`, the DELETEs' answers are;
     `command_delay` holds those commands' answers that many seconds.
     `seen` lists the requests it got (method,
-    target), `creating` the new sessions it began, `deleted` the DELETE targets.
+    target), `heads` their heads as sent, `creating` the new sessions it began, `deleted` the
+    DELETE targets.
     """
 
     def __init__(self) -> None:
@@ -224,6 +226,7 @@ class FakeBackend:
         self.prefix = b"fake"  # of its session ids: give two fakes behind one proxy their own
         self.sessions = 0
         self.seen: list[tuple[str, str]] = []
+        self.heads: list[bytes] = []
         self.creating = 0
         self.deleted: list[str] = []
         self.hung: list[socket.socket] = []
@@ -257,6 +260,7 @@ class FakeBackend:
                 while len(rest) < length:
                     rest += conn.recv(65536)
                 method, target = head.split(b" ")[:2]
+                self.heads.append(head)
                 if not self._answer(conn, method.decode(), target.decode()):
                     return
 
@@ -275,9 +279,7 @@ class FakeBackend:
             self._send(conn, 200, b'{"status": 0, "value": {"build": {"version": "fake"}}}')
             return True
         if mode == "hang":
-            self.hung.append(conn)
-            threading.Event().wait(30)
-            return False
+            return self._hang(conn)
         if mode == "garbage":
             conn.sendall(b"\x00\x01 this is not HTTP \r\n\r\n")
             return False
@@ -327,11 +329,24 @@ class FakeBackend:
         if mode == "not_json":
             self._send(conn, 200, b"<html>surprise</html>")
             return True
+        if mode == "stall_body":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"sta\r\n")
+            return self._hang(conn)
+        if mode == "no_content":
+            conn.sendall(b"HTTP/1.1 204 No Content\r\nX-Fake: yes\r\n\r\n")
+            return True
         if mode == "big":
             self._send(conn, 200, b'{"status": 0, "value": "%b"}' % (b"x" * BIG))
             return True
         self._send(conn, 200, b'{"status": 0, "value": null}')
         return True
+
+    def _hang(self, conn) -> bool:
+        """Send nothing more for 30 s (the connection is closed at teardown)."""
+        self.hung.append(conn)
+        threading.Event().wait(30)
+        return False
 
     def refuse(self) -> None:
         """From now on, connections are refused (shutdown wakes the thread blocked in accept;
@@ -456,6 +471,49 @@ def test_answers_that_end_with_their_connection_arrive_whole(stickyproxy, fake_b
     status, body, _ = http_json(f"{proxy.url}/session/fake-1/title")
     assert status == 200 and body["value"] == "hello"
     assert not proxy.log("PROXY_ERROR|SESSION_NOT_CREATED", settle=0.05, timeout=0.5)
+
+
+def test_a_backend_that_stalls_mid_answer_is_cut_off_after_the_backend_timeout(stickyproxy,
+                                                                              fake_backend):
+    """The head's deadline is met, then the body stops: the answer used to wait for the backend
+    for good, holding the client and a backend slot (and the session busy, never reaped)."""
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s",
+                        "--backend-timeout", "2s")
+    wait_up(proxy, 1)
+    sid = http_json(proxy.url + "/session", "POST", NEW)[1]["sessionId"]
+    fake.mode = "stall_body"
+    began = time.monotonic()
+    status, headers, body = raw(proxy.port, request("GET", f"/session/{sid}/source"), timeout=20)
+    assert status == 200 and headers["transfer-encoding"] == "chunked"  # the head went out...
+    assert b'{"sta' in body and not body.endswith(b"0\r\n\r\n")  # ...the end never did
+    assert time.monotonic() - began < 10  # cut at the backend timeout, not at the fake's 30 s
+    assert proxy.stats()["errors_total"] == 1
+    assert proxy.log(rf'PROXY_ERROR session={sid} backend=static-1 reason="no byte of the '
+                     rf"answer's body for 2s")
+    fake.mode = "ok"
+    assert http_json(f"{proxy.url}/session/{sid}/url")[0] == 200  # its slot was given back
+
+
+def test_an_answer_without_a_body_is_passed_on_without_one(stickyproxy, fake_backend):
+    """A 204 has no body (RFC 9110): relayed chunked, its terminator was read as the start of
+    the connection's next answer by strict clients."""
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend)
+    sid = http_json(proxy.url + "/session", "POST", NEW)[1]["sessionId"]
+    fake.mode = "no_content"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(f"GET /session/{sid}/url HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 204 ") and b"X-Fake: yes" in head
+        assert b"transfer-encoding" not in head.lower() and b"content-length" not in head.lower()
+        fake.mode = "ok"
+        sock.sendall(f"GET /session/{sid}/url HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        while b"\r\n\r\n" not in rest:
+            rest += sock.recv(65536)
+        assert rest.startswith(b"HTTP/1.1 200 ")  # the next answer, nothing between
 
 
 @pytest.mark.parametrize("mode", ["ok", "chunked_new"], ids=["answer-whole", "answer-chunked"])
