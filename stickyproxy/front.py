@@ -260,11 +260,15 @@ class Port:
     def __init__(self, handler: Handler, *, app: object = None, idle_timeout: float,
                  max_header_size: int,
                  max_body: int, max_connections: int = 0, outbox: Outbox | None = None,
+                 not_forwarded: frozenset[bytes] = HOP_BY_HOP,
                  on_bad_request: Callable[[str | None, str | None], tuple[int, list[Header], bytes]],
                  on_too_many: Callable[[str | None], tuple[int, list[Header], bytes]]) -> None:
         self.handler, self.app = handler, app
         self.idle_timeout, self.max_header_size = idle_timeout, max_header_size
         self.max_body, self.max_connections = max_body, max_connections
+        # Request headers kept from the backend: hop-by-hop ones, and stickyproxy's own
+        # credentials when it checks them (they are for stickyproxy, not for the backends).
+        self.not_forwarded = not_forwarded
         # on_bad_request(why, client): the answer to bytes we will not parse (`why`), or to a
         # handler that failed (None); on_too_many(client): to a connection over the limit.
         self.on_bad_request, self.on_too_many = on_bad_request, on_too_many
@@ -328,6 +332,7 @@ class Connection(asyncio.Protocol):
         self._chunked = False
         self._expect = False
         self._parsing: Request | None = None
+        self._not_forwarded = port.not_forwarded
         # Bytes fed since the parser last handed us a header or body bytes. httptools gathers a
         # header whole before its callback, each piece copied onto the last (quadratic): a
         # header that never ends must be refused while it grows, not once it is whole. This
@@ -557,7 +562,7 @@ class Connection(asyncio.Protocol):
         if len(self._headers) >= 100:
             raise BadRequest("more than 100 headers")
         lower = name.lower()
-        if lower not in HOP_BY_HOP:
+        if lower not in self._not_forwarded:
             self._forward += b"%b: %b\r\n" % (name, value)
         elif lower == b"content-length":
             self._length = int(value)  # httptools has checked it is digits

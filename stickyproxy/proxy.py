@@ -27,7 +27,7 @@ from .queue import QueueFull, SessionQueue
 from .health import DOWN
 from .routing import Attempt, may_retry_elsewhere
 from .sessions import EndReason, Session, SessionTable
-from .upstream import WHOLE, NotConnected, Response, UpstreamError
+from .upstream import HOP_BY_HOP, WHOLE, NotConnected, Response, UpstreamError
 from .webdriver import Kind, WebDriverError, session_id_of, with_chrome_args
 
 log = logging.getLogger("stickyproxy")
@@ -451,7 +451,8 @@ def _sent_headers(request: Request, new: NewSession) -> bytes | list[Header]:
     if not new.w3c_client:
         return request.forward
     # The body was rewritten: its length is recomputed by upstream, its type stays JSON.
-    headers = [h for h in request.raw_headers if h[0].lower() != b"content-type"]
+    dropped = request.app.guard.auth.enabled and b"authorization"
+    headers = [h for h in request.raw_headers if h[0].lower() not in (b"content-type", dropped)]
     headers.append((b"Content-Type", b"application/json; charset=utf-8"))
     return headers
 
@@ -1073,4 +1074,12 @@ def make_port(app: App, *, idle_timeout: float, max_header_size: int,
 
     return Port(handle, app=app, idle_timeout=idle_timeout, max_header_size=max_header_size,
                 max_body=guard.max_body, max_connections=guard.max_connections, outbox=outbox,
-                on_bad_request=bad_request, on_too_many=too_many)
+                not_forwarded=_not_forwarded(guard), on_bad_request=bad_request,
+                on_too_many=too_many)
+
+
+def _not_forwarded(guard: Guard) -> frozenset[bytes]:
+    """Request headers no backend is sent: hop-by-hop ones, and with --auth-token or
+    --auth-users the client's credentials, which are stickyproxy's (a backend may be a
+    container, a host found by DNS or someone else's grid)."""
+    return HOP_BY_HOP | {b"authorization"} if guard.auth.enabled else HOP_BY_HOP

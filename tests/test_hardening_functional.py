@@ -516,6 +516,23 @@ def test_an_answer_without_a_body_is_passed_on_without_one(stickyproxy, fake_bac
         assert rest.startswith(b"HTTP/1.1 200 ")  # the next answer, nothing between
 
 
+@pytest.mark.parametrize("payload", [NEW, W3C_NEW], ids=["jsonwp", "w3c-bridged"])
+def test_stickyproxys_own_credentials_never_reach_a_backend(stickyproxy, fake_backend, payload):
+    fake = fake_backend()
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s", "--auth-token", "s3cret")
+    wait_up(proxy, 1)
+    auth = {"Authorization": "Bearer s3cret", "X-Kept": "yes"}
+    status, body, _ = http_json(proxy.url + "/session", "POST", payload, headers=auth)
+    assert status == 200
+    sid = body["sessionId"] if "sessionId" in body else body["value"]["sessionId"]
+    assert http_json(f"{proxy.url}/session/{sid}/url", headers=auth)[0] == 200
+    sent = [h for h in fake.heads if not h.startswith(b"GET /status")]
+    assert len(sent) >= 2 and all(b"authorization" not in h.lower() for h in sent)
+    assert b"X-Kept: yes" in sent[0]  # the others are passed on
+    if payload is NEW:  # (a bridged session's commands are the bridge's own, not the client's)
+        assert b"X-Kept: yes" in sent[1]
+
+
 @pytest.mark.parametrize("mode", ["ok", "chunked_new"], ids=["answer-whole", "answer-chunked"])
 def test_a_bridged_session_whose_setup_fails_is_ended_not_left_running(stickyproxy, fake_backend,
                                                                          mode):

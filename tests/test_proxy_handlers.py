@@ -51,7 +51,8 @@ async def test_a_bug_after_placement_gives_the_reservation_back(payload):
     backend.upstream = Broken()
     app = types.SimpleNamespace(
         state=types.SimpleNamespace(shutting_down=False), pool=pool, timeout=5,
-        guard=types.SimpleNamespace(limiter=types.SimpleNamespace(take=lambda *a: 0)),
+        guard=types.SimpleNamespace(limiter=types.SimpleNamespace(take=lambda *a: 0),
+                                 auth=types.SimpleNamespace(enabled=False)),
         queue=SessionQueue(pool.pick, pool.release, 10))
     for _ in range(3):
         with pytest.raises(RuntimeError):  # front.py answers 500 and logs HANDLER_FAILED
