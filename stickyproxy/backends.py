@@ -237,6 +237,12 @@ class Pool:
         return any(b.takes_new_sessions and b.id not in tried for b in self.backends.values())
 
     @property
+    def replacing(self) -> bool:
+        """Is a worn backend draining for recycling? Then its replacement is on its way (it
+        starts, or retries, on the lifecycle's next tick), and new sessions may wait for it."""
+        return any(b.recycling for b in self.backends.values())
+
+    @property
     def any_up(self) -> bool:
         return any(b.health.up for b in self.backends.values())
 

@@ -607,7 +607,9 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
 
 async def _wait_for_slot(request: Request, app: App, cookie: str | None,
                          tried: tuple[str, ...]) -> str:
-    """Queue for a slot when backends are up but full; fail at once when none could take it.
+    """Queue for a slot when backends are up but full, or when the only ones up are draining
+    while their replacements start (recycling keeps capacity); fail at once when none could
+    take it.
 
     The queue reserved the slot a tick before the waiter runs. If its backend stopped taking
     new sessions meanwhile (drained, down, or moved to an address not checked yet), the waiter
@@ -617,7 +619,7 @@ async def _wait_for_slot(request: Request, app: App, cookie: str | None,
     pool, queue = app.pool, app.queue
     if app.state.shutting_down:
         raise WebDriverError.session_not_created("stickyproxy is shutting down")
-    if not pool.could_take(tried):
+    if not pool.could_take(tried) and not pool.replacing:
         raise WebDriverError.session_not_created(_no_backend_message(pool, tried))
     timeout = app.queue_timeout
     began, again, refused = time.monotonic(), False, False

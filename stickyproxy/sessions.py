@@ -23,7 +23,6 @@ class EndReason(str, Enum):
     MAX_AGE = "max_age"
     BACKEND_DOWN = "backend_down"  # its process/container exited, was removed or restarted
     BACKEND_OOM = "backend_oom"  # killed for memory: the kernel's OOM killer or our watchdog
-    RECYCLED = "recycled"
     SHUTDOWN = "shutdown"
     ADMIN = "admin"
     SETUP_FAILED = "setup_failed"  # created, but what had to follow its creation failed

@@ -52,7 +52,7 @@ SNAPSHOT = {
     "sessions_active": 4,
     "sessions_total": 122,
     "sessions_ended": {"client_delete": 110, "idle": 5, "max_age": 0, "backend_down": 2,
-                       "backend_oom": 1, "recycled": 0, "shutdown": 0, "admin": 0},
+                       "backend_oom": 1, "shutdown": 0, "admin": 0},
     "requests_total": 1352,
     "errors_total": 8,
     "recycled_total": 1,

@@ -125,6 +125,23 @@ def test_recycling_restarts_every_backend_without_failing_a_session(stickyproxy,
     assert sum(stats["sessions_ended"].values()) == 14
 
 
+def test_a_fresh_process_per_session_new_sessions_wait_for_the_replacements(stickyproxy):
+    """--recycle-after-sessions 1: each backend drains after its first session and a new one
+    starts. A new session that came while the only backends up were draining failed at once
+    ("no backend can take a new session"), though their replacements were starting: it waits
+    for one now, and each session gets a process of its own."""
+    proxy = stickyproxy("--local", "1", "--recycle-after-sessions", "1", "--max-recycling", "10",
+                        "--check-interval", "300ms", "--queue-timeout", "60s")
+    wait_up(proxy, 1)
+    held = [new_session(proxy, timeout=90) for _ in range(3)]  # all live: none is recycled yet
+    assert len({backend for _, backend in held}) == 3, held
+    pids = {b["id"]: b["pid"] for b in proxy.stats()["backends"]}
+    assert len({pids[backend] for _, backend in held}) == 3
+    assert proxy.stats()["queue"]["waited_total"] >= 1  # (it waited, it did not fail)
+    for sid, _ in held:
+        assert http_json(f"{proxy.url}/wd/hub/session/{sid}", "DELETE")[0] == 200
+
+
 def test_admin_api(stickyproxy, phantomjs):
     phantoms = [phantomjs(), phantomjs()]
     proxy = stickyproxy(*[a for p in phantoms for a in ("--backend", p.url)],
