@@ -198,7 +198,8 @@ class Settings:
                      metavar="N")
     backend_connections: int = _opt(8, "most connections open to one backend (GhostDriver "
                                        "serves about 10 at once)", _positive_int, metavar="N")
-    backend_timeout: float = _opt(300.0, "longest wait for a backend's answer to one command",
+    backend_timeout: float = _opt(300.0, "longest wait for a backend's answer to one command "
+                                         "(and for each further piece of a long answer)",
                                   parse_duration, metavar="DURATION", shown="300s")
     max_sessions: int = _opt(0, "live sessions per backend; new ones wait in the queue when every "
                                 "backend is full (0: no limit)", _count, metavar="N", shown="0")
