@@ -311,9 +311,11 @@ class Lifecycle:
     # shutdown
     async def drain_all(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let live sessions finish for up to `timeout`, then delete what remains."""
-        deadline = time.monotonic() + timeout
-        while len(self.sessions) and time.monotonic() < deadline and not hurry.is_set():
+        began = time.monotonic()
+        while len(self.sessions) and time.monotonic() < began + timeout and not hurry.is_set():
             await asyncio.sleep(0.1)
+        why = (f"still open at a second signal, {fmt(time.monotonic() - began)} after the first"
+               if hurry.is_set() else f"still open {fmt(timeout)} after SIGTERM")
         for sid in list(self.sessions.live):
-            self.end(sid, EndReason.SHUTDOWN, f"still open {fmt(timeout)} after SIGTERM")
+            self.end(sid, EndReason.SHUTDOWN, why)
         await self.flush()

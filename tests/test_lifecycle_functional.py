@@ -212,4 +212,20 @@ def test_sigterm_deletes_sessions_still_open_at_the_drain_timeout(stickyproxy, p
     assert set(sids) <= set(phantom.sessions())
     assert proxy.stop(signal.SIGTERM) == 0
     assert phantom.sessions() == []
-    assert len(proxy.log(r"SESSION_ENDED .* reason=shutdown")) == 2
+    assert len(proxy.log(r'SESSION_ENDED .* reason=shutdown detail="still open 500ms after '
+                         r'SIGTERM"')) == 2
+
+
+def test_a_second_signal_deletes_the_sessions_at_once_and_says_so(stickyproxy, phantomjs):
+    phantom = phantomjs()
+    proxy = stickyproxy("--backend", phantom.url, "--drain-timeout", "60s",
+                        "--check-interval", "500ms")
+    wait_up(proxy, 1)
+    new_session(proxy)
+    proxy.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: proxy.log("DRAINING sessions=1"), 10, what="draining")
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(30) == 0
+    assert phantom.sessions() == []
+    assert proxy.log(r'SESSION_ENDED .* reason=shutdown detail="still open at a second signal, '
+                     r'[0-9mhs]+ after the first"')  # (it used to say "1m after SIGTERM")
