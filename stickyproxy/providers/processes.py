@@ -71,8 +71,9 @@ BROWSERS = {b.name: b for b in (PHANTOMJS, CHROMIUM)}
 def env_warnings(browser: Browser, environ: Mapping[str, str]) -> list[str]:
     """Log lines for variables of `environ` that the local servers would inherit and pay for:
     not removed (a custom certificate directory may be needed), but said once at start."""
-    return [f'LOCAL_ENV_COSTLY var={name} value="{environ[name]}" browser={browser.name}: {why}; '
-            f"start stickyproxy without it (env -u {name}) unless the browser needs it"
+    return [f'LOCAL_ENV_COSTLY var={name} value="{environ[name]}" browser={browser.name} '
+            f'reason="{why}; start stickyproxy without it (env -u {name}) unless the browser '
+            f'needs it"'
             for name, why in browser.costly_env.items()
             if environ.get(name) and name not in browser.env]
 
@@ -279,7 +280,7 @@ class LocalProcesses:
                     return await asyncio.shield(waiting)
             except TimeoutError:
                 if slot.cap and slot.cap.over():
-                    log.warning("BACKEND_MEMORY backend=%s rss=%s limit=%d: killing",
+                    log.warning("BACKEND_MEMORY backend=%s rss=%s limit=%d action=kill",
                                 self._id(slot), slot.cap.usage(), self.mem_limit)
                     slot.killed_for_memory = True
                     _kill(proc, signal.SIGKILL)
