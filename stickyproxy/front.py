@@ -40,7 +40,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 import httptools
 
 from .outbox import Outbox
-from .upstream import HOP_BY_HOP
+from .upstream import HOP_BY_HOP, listed_in_connection, without_headers
 
 log = logging.getLogger("stickyproxy")
 
@@ -331,6 +331,7 @@ class Connection(asyncio.Protocol):
         self._length: int | None = None
         self._chunked = False
         self._expect = False
+        self._listed: frozenset[bytes] | None = None  # names its Connection header lists
         self._parsing: Request | None = None
         self._not_forwarded = port.not_forwarded
         # Bytes fed since the parser last handed us a header or body bytes. httptools gathers a
@@ -570,10 +571,14 @@ class Connection(asyncio.Protocol):
             self._chunked = True
         elif lower == b"expect" and value.lower() == b"100-continue":
             self._expect = True
+        elif lower == b"connection" and (listed := listed_in_connection(value)):
+            self._listed = listed  # (for this hop only: dropped once the head is whole)
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._unparsed = 0
+        if self._listed is not None:
+            self._forward, self._listed = without_headers(self._forward, self._listed), None
         parser = self.parser
         has_body = self._chunked or bool(self._length)
         body = Body(self, self.port.max_body) if has_body else None

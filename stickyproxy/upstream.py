@@ -44,6 +44,21 @@ HOP_BY_HOP = frozenset({
     b"content-length", b"expect",
 })
 
+_USUAL_OPTIONS = frozenset({b"keep-alive", b"close", b""})
+
+
+def listed_in_connection(value: bytes) -> frozenset[bytes]:
+    """The header names a Connection header makes hop-by-hop (RFC 9110 7.6.1), beyond the
+    usual keep-alive and close: they are for this hop only, never passed on."""
+    return frozenset(t.strip().lower() for t in value.split(b",")) - _USUAL_OPTIONS
+
+
+def without_headers(lines: bytes, names: frozenset[bytes]) -> bytes:
+    """Header lines (`Name: value\r\n` each) minus those whose name is in `names`."""
+    return b"".join(line + b"\r\n" for line in lines.split(b"\r\n")[:-1]
+                    if line.split(b":", 1)[0].strip().lower() not in names)
+
+
 _HIGH_WATER = 1 << 20  # pause reading a backend that sends faster than the client takes
 WARM = 2.0  # seconds since its last answer for a connection to carry a `replay_stale` request
 WHOLE = 1 << 20  # an answer with a Content-Length up to this is awaited whole, not its head
@@ -67,11 +82,12 @@ class _Reader:
     just used. llhttp starts each keep-alive answer afresh, so a parser goes back only after a
     whole keep-alive answer that nothing followed; any other is dropped with its connection."""
 
-    __slots__ = ("parser", "conn")
+    __slots__ = ("parser", "conn", "listed")
 
     def __init__(self) -> None:
         self.conn: _Connection | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.listed: frozenset[bytes] | None = None  # names the answer's Connection header lists
 
     # httptools callbacks, acting on the connection it reads for
     def on_message_begin(self) -> None:
@@ -89,10 +105,15 @@ class _Reader:
         elif lower == b"content-length":
             self.conn.length = int(value)  # httptools has checked it is digits
         elif lower == b"transfer-encoding":
-            self.conn.chunked = True
+            # Chunked only when that is its last coding; else the body runs to the close.
+            self.conn.chunked = value.rstrip().lower().endswith(b"chunked")
+        elif lower == b"connection" and (listed := listed_in_connection(value)):
+            self.listed = listed
 
     def on_headers_complete(self) -> None:
         conn = self.conn
+        if self.listed is not None:
+            conn.forward, self.listed = without_headers(conn.forward, self.listed), None
         conn.status = self.parser.get_status_code()
         if conn.status < 200:
             return  # interim (100 Continue, 103 Early Hints): on_message_complete skips it

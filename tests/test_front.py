@@ -54,6 +54,9 @@ class Echo:
                     yield
                 await request.stream(204, [JSON], nothing())
                 return
+            if request.target == "/forward":  # the header lines a proxy would pass on
+                request.send(200, [JSON], json.dumps(request.forward.decode()).encode())
+                return
             if request.target == "/204":
                 request.send(204, [JSON], b"")
                 return
@@ -308,6 +311,17 @@ async def test_trailers_of_a_chunked_body_are_not_headers_of_the_next_request(po
     second = json.loads((await read_answer(reader))[2])
     assert first["body"] == "abc" and first["cookie"] is None
     assert second["target"] == "/next" and second["cookie"] is None
+
+
+async def test_headers_named_in_connection_are_not_passed_on(port):
+    """RFC 9110 7.6.1: they are for this hop; only keep-alive and close were dropped before."""
+    reader, writer = await connect(port)
+    writer.write(get("/forward", "X-Before: private\r\nConnection: keep-alive, X-Before, x-after"
+                                 "\r\nX-After: private\r\nX-Kept: yes\r\n"))
+    forward = json.loads((await read_answer(reader))[2])
+    assert "X-Kept: yes" in forward and "private" not in forward
+    writer.write(get("/forward", "X-Before: kept\r\n"))  # the next request's own: passed on
+    assert "X-Before: kept" in json.loads((await read_answer(reader))[2])
 
 
 @pytest.mark.parametrize("target", ["/204", "/204-streamed"])
