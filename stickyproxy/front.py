@@ -57,6 +57,14 @@ _METHODS = {m.encode(): m for m in ("GET", "POST", "DELETE", "PUT", "HEAD", "OPT
 LATER = object()  # a handler's "answered from a callback, which calls Request.finish"
 
 
+def _keep_alive(headers: Iterable[Header] | bytes) -> Iterable[Header] | bytes:
+    """`headers` plus the Connection: keep-alive an HTTP/1.0 client needs to keep its
+    connection (without it, it waits for the close)."""
+    if isinstance(headers, (bytes, bytearray)):
+        return headers + b"Connection: keep-alive\r\n"
+    return [*headers, (b"Connection", b"keep-alive")]
+
+
 def _bodiless(status: int) -> bool:
     """Answers that have no body, nor a length or chunking to frame one (RFC 9110 6.4.1)."""
     return status < 200 or status == 204 or status == 304
@@ -215,8 +223,11 @@ class Request:
              close: bool = False) -> None:
         """Answer with a whole body: status line, headers and body in one write."""
         self.sent = True
-        self._conn.answer(status, headers, body if self.method != "HEAD" else b"",
-                          close or not self.keep_alive, len(body))
+        close = close or not self.keep_alive
+        if self._http10 and not close:
+            headers = _keep_alive(headers)
+        self._conn.answer(status, headers, body if self.method != "HEAD" else b"", close,
+                          len(body))
 
     async def stream(self, status: int, headers: Iterable[Header] | bytes,
                      chunks: AsyncIterator[bytes],
@@ -234,7 +245,8 @@ class Request:
                        not self.keep_alive)
             return
         close = not self.keep_alive or (length is None and self._http10)
-        head = conn.head(status, headers, close)
+        head = conn.head(status, _keep_alive(headers) if self._http10 and not close else headers,
+                         close)
         framed = length is None and not self._http10
         if length is not None:
             head += b"Content-Length: %d\r\n" % length
@@ -592,8 +604,11 @@ class Connection(asyncio.Protocol):
         self._url, self._headers, self._forward = b"", [], b""
         self._length, self._chunked, self._expect = None, False, False
         self._parsing = request if has_body else None
-        if expect and has_body and (request.content_length or 0) <= self.port.max_body:
-            # (over the limit it is refused: 100 Continue would invite the upload first)
+        if (expect and has_body and (request.content_length or 0) <= self.port.max_body
+                and not self.busy and not self.waiting):
+            # (over the limit it is refused: 100 Continue would invite the upload first; behind
+            # a request still being answered, it would come before that answer: the client
+            # sends its body after its own wait instead, as HTTP allows)
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
         if has_body and not request.chunked and request.content_length <= _WHOLE:
             return  # served once its body is here (on_message_complete), whole

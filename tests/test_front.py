@@ -313,6 +313,26 @@ async def test_trailers_of_a_chunked_body_are_not_headers_of_the_next_request(po
     assert second["target"] == "/next" and second["cookie"] is None
 
 
+async def test_an_http10_client_that_asks_to_keep_its_connection_is_told_it_may(port):
+    reader, writer = await connect(port)
+    for target in ("/a", "/stream"):  # (a stream without a length still ends with the close)
+        writer.write(get(target, "Connection: keep-alive\r\n", version="1.0"))
+        status, headers, _ = await read_answer(reader)
+        assert status == 200
+        assert headers["connection"] == ("keep-alive" if target == "/a" else "close")
+
+
+async def test_no_100_continue_goes_out_before_the_answer_to_an_earlier_request(port):
+    reader, writer = await connect(port)
+    writer.write(get("/slow?s=0.3") + b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                                      b"Expect: 100-continue\r\n\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert first.startswith(b"HTTP/1.1 200 ")  # the earlier answer first, not a 100
+    await reader.readexactly(int(first.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+    writer.write(b"ok")  # (the client's own wait for a 100 is over)
+    assert json.loads((await read_answer(reader))[2])["body"] == "ok"
+
+
 async def test_headers_named_in_connection_are_not_passed_on(port):
     """RFC 9110 7.6.1: they are for this hop; only keep-alive and close were dropped before."""
     reader, writer = await connect(port)
