@@ -40,7 +40,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 import httptools
 
 from .outbox import Outbox
-from .upstream import HOP_BY_HOP, listed_in_connection, without_headers
+from .upstream import _USUAL_OPTIONS, HOP_BY_HOP, listed_in_connection, without_headers
 
 log = logging.getLogger("stickyproxy")
 
@@ -65,9 +65,8 @@ def _keep_alive(headers: Iterable[Header] | bytes) -> Iterable[Header] | bytes:
     return [*headers, (b"Connection", b"keep-alive")]
 
 
-def _bodiless(status: int) -> bool:
-    """Answers that have no body, nor a length or chunking to frame one (RFC 9110 6.4.1)."""
-    return status < 200 or status == 204 or status == 304
+# Answers that have no body, nor a length or chunking to frame one (RFC 9110 6.4.1).
+_BODILESS = frozenset((*range(100, 200), 204, 304))
 
 
 class BadRequest(Exception):
@@ -236,7 +235,7 @@ class Request:
         `length` it is sent chunked (or close-delimited to an HTTP/1.0 client)."""
         self.sent = True
         conn = self._conn
-        if _bodiless(status):
+        if status in _BODILESS:
             # No body and no framing, whatever came (RFC 9110 6.4.1): a client reads none, so a
             # chunked terminator would be read as the start of the next answer.
             async for _ in chunks:
@@ -346,11 +345,10 @@ class Connection(asyncio.Protocol):
         self._listed: frozenset[bytes] | None = None  # names its Connection header lists
         self._parsing: Request | None = None
         self._not_forwarded = port.not_forwarded
-        # Bytes fed since the parser last handed us a header or body bytes. httptools gathers a
-        # header whole before its callback, each piece copied onto the last (quadratic): a
-        # header that never ends must be refused while it grows, not once it is whole. This
-        # counts only what arrived without a callback, so it is at most the request line plus
-        # the header being read: over twice the longest allowed, the head is refused.
+        # The length of the line being received (body bytes aside: on_body resets it).
+        # httptools gathers a header whole before its callback, each piece copied onto the
+        # last (quadratic): a header that never ends must be refused while it grows, not once
+        # it is whole. Counted per read, not per header: the hot path pays one rfind.
         self._unparsed = 0
         self._head_limit = 2 * port.max_header_size + 256
         self._trailers = 0
@@ -402,7 +400,8 @@ class Connection(asyncio.Protocol):
             # drops it, and counts it as a sign of life).
             self.last_active = self.loop.time()
             return
-        self._unparsed += len(data)
+        end = data.rfind(b"\n")
+        self._unparsed = self._unparsed + len(data) if end < 0 else len(data) - end - 1
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -485,7 +484,7 @@ class Connection(asyncio.Protocol):
         """A whole answer in one write (`length`: a HEAD answer's, whose body is not sent)."""
         if not isinstance(headers, (bytes, bytearray)):
             headers = b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers)
-        if status == 204 or status == 304 or status < 200:  # (see _bodiless)
+        if status in _BODILESS:
             self.write(self.head(status, headers, close) + b"\r\n", close)
             return
         self.write(b"HTTP/1.1 %d %b\r\n%b%bContent-Length: %d\r\n\r\n%b" % (
@@ -561,7 +560,6 @@ class Connection(asyncio.Protocol):
             raise BadRequest(f"request target longer than {self.port.max_header_size} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._unparsed = 0
         if self._parsing is not None:
             # A trailer field (after a chunked body): not a header of this request, and never
             # one of the next (llhttp reports it here, after this request's head was taken).
@@ -583,12 +581,12 @@ class Connection(asyncio.Protocol):
             self._chunked = True
         elif lower == b"expect" and value.lower() == b"100-continue":
             self._expect = True
-        elif lower == b"connection" and (listed := listed_in_connection(value)):
+        elif (lower == b"connection" and value.lower() not in _USUAL_OPTIONS
+              and (listed := listed_in_connection(value))):
             self._listed = listed  # (for this hop only: dropped once the head is whole)
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._unparsed = 0
         if self._listed is not None:
             self._forward, self._listed = without_headers(self._forward, self._listed), None
         parser = self.parser
@@ -624,7 +622,7 @@ class Connection(asyncio.Protocol):
         self._parsing.body.feed(data)
 
     def on_message_complete(self) -> None:
-        self._unparsed = self._trailers = 0
+        self._trailers = 0
         request = self._parsing
         if request is not None:
             self._parsing = None

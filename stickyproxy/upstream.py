@@ -107,7 +107,8 @@ class _Reader:
         elif lower == b"transfer-encoding":
             # Chunked only when that is its last coding; else the body runs to the close.
             self.conn.chunked = value.rstrip().lower().endswith(b"chunked")
-        elif lower == b"connection" and (listed := listed_in_connection(value)):
+        elif (lower == b"connection" and value.lower() not in _USUAL_OPTIONS
+              and (listed := listed_in_connection(value))):
             self.listed = listed
 
     def on_headers_complete(self) -> None:

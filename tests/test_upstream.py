@@ -78,15 +78,16 @@ async def test_a_waiter_cancelled_just_after_being_handed_a_slot_passes_it_on():
 ANSWERS = {
     "/length": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kept: yes\r\n\r\nhello",
     "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n",
+    # names in Connection are for this hop only (RFC 9110 7.6.1): never passed on
+    "/private": b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n"
+                b"Content-Length: 5\r\nX-Kept: yes\r\n\r\nhello",
     "/closed": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello",  # ends with the connection
     # a coding that is not chunked: the body runs to the close too (it was taken as chunked,
     # and every such answer as cut short)
     "/identity": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nhello",
-    # names in Connection are for this hop only (RFC 9110 7.6.1): never passed on
-    "/private": b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n"
-                b"Content-Length: 5\r\nX-Kept: yes\r\n\r\nhello",
 }
-CLOSED = ("/closed", "/identity")  # the answers that end with their connection
+CLOSED = ("/closed", "/identity")  # the answers that end with their connection (the last ones,
+# so the server's side of every connection is closed by the test's end)
 
 
 async def test_answers_by_length_chunked_or_closed_connection_read_whole():
