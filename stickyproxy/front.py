@@ -316,6 +316,14 @@ class Port:
 
 
 class Connection(asyncio.Protocol):
+    # Slots: an instance dict shares its keys only up to 30 of them, past which every
+    # attribute read here takes the slow path (CPython 3.11).
+    __slots__ = ("port", "loop", "parser", "transport", "remote", "waiting", "task", "busy",
+                 "_starting", "closing", "broken", "paused", "_drain", "_idle", "last_active",
+                 "_refused", "lingering", "_linger_until", "_url", "_headers", "_forward",
+                 "_length", "_chunked", "_expect", "_listed", "_parsing", "_not_forwarded",
+                 "_unparsed", "_head_limit")
+
     def __init__(self, port: Port) -> None:
         self.port = port
         self.loop = asyncio.get_running_loop()
@@ -351,7 +359,6 @@ class Connection(asyncio.Protocol):
         # it is whole. Counted per read, not per header: the hot path pays one rfind.
         self._unparsed = 0
         self._head_limit = 2 * port.max_header_size + 256
-        self._trailers = 0
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -400,8 +407,12 @@ class Connection(asyncio.Protocol):
             # drops it, and counts it as a sign of life).
             self.last_active = self.loop.time()
             return
-        end = data.rfind(b"\n")
-        self._unparsed = self._unparsed + len(data) if end < 0 else len(data) - end - 1
+        partial = data[-1] != 10  # (b"\n") a line goes on past this read: counted
+        if partial:
+            end = data.rfind(b"\n")
+            self._unparsed = self._unparsed + len(data) if end < 0 else len(data) - end - 1
+        elif self._unparsed:
+            self._unparsed = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -411,7 +422,7 @@ class Connection(asyncio.Protocol):
             cause = exc.__context__ if isinstance(exc.__context__, BadRequest) else exc
             self._bad(str(cause) or type(cause).__name__)
         else:
-            if self._unparsed > self._head_limit:
+            if partial and self._unparsed > self._head_limit:
                 self._bad(f"a request line or header longer than {self.port.max_header_size} "
                           f"bytes (--max-header-size)")
         # Handlers start here, after the parser is done with the data, never inside its callbacks.
@@ -560,13 +571,8 @@ class Connection(asyncio.Protocol):
             raise BadRequest(f"request target longer than {self.port.max_header_size} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._parsing is not None:
-            # A trailer field (after a chunked body): not a header of this request, and never
-            # one of the next (llhttp reports it here, after this request's head was taken).
-            self._trailers += 1
-            if self._trailers > 100:
-                raise BadRequest("more than 100 trailer fields")
-            return
+        # (Trailer fields of a chunked body come here too, after the head was taken: what they
+        # leave is dropped at the message's end, never a header of the next request.)
         if len(name) + len(value) > self.port.max_header_size:
             raise BadRequest(f"header {name[:40].decode('latin-1')!r} longer than "
                              f"{self.port.max_header_size} bytes")
@@ -622,10 +628,12 @@ class Connection(asyncio.Protocol):
         self._parsing.body.feed(data)
 
     def on_message_complete(self) -> None:
-        self._trailers = 0
         request = self._parsing
         if request is not None:
             self._parsing = None
+            if request.chunked:  # its trailers, if any: nothing of the next request
+                self._url, self._headers, self._forward = b"", [], b""
+                self._length, self._chunked, self._expect, self._listed = None, False, False, None
             request.body.finish()
             if not request.chunked and request.content_length <= _WHOLE:
                 self._enqueue(request)
