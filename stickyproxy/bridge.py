@@ -12,18 +12,28 @@ errorMessage>"}}`; unknown commands as HTTP 405 text/plain, unknown sessions as 
 text/plain; `GET /element/active` answers the bogus element "active" (only POST works); there
 is no GET /timeouts, no /frame/parent, no alert endpoint (alert/confirm/prompt never block:
 they return undefined/false/null at once, `handlesAlerts` is false) and no element screenshot.
+A new GhostDriver session waits 200 ms implicitly and never times out scripts or page loads
+(session.js `_timeouts`: 200 / 2^31-1 / 2^31-1 ms); one `script` timeout serves execute and
+execute_async. `POST /doubleclick` is the only way to a `dblclick` event (two clicks give
+none). A percent-encoded element id (`%3Awdc%3A1`) works in a path and in an `{"ELEMENT": id}`
+argument alike (the atoms decode ids), but a cookie name in a path is not decoded. A path
+typed into an `<input type=file>` selects that file when it exists on the backend's host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, Union
 from urllib.parse import quote, unquote, urlsplit
+
+from .webdriver import WebDriverError
 
 W3C_ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 JSONWP_ELEMENT = "ELEMENT"
@@ -77,7 +87,8 @@ class Plan:
                          f"of {len(self.calls)} calls")
         try:
             return self.combine([body.get("value") for _, body in results])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+            # A backend answer of an unexpected shape is the backend's fault: answered, not a crash.
             return error("unknown error", f"{self.command}: unexpected backend answer ({exc!r})")
 
 
@@ -166,6 +177,14 @@ def refusal(command: str, why: str = "") -> Reply:
     return error("unsupported operation", f"{message}: {why}" if why else message)
 
 
+def unknown_command(command: str) -> Reply:
+    """`unknown command` (404) for a path that is no W3C command the bridge knows. Worded as
+    Selenium's own servers word it: Selenium's Python client falls back to typing a file's
+    path when its upload (POST /se/file) fails with "Command not found: POST "."""
+    return error("unknown command", f"Command not found: {command} (no such command in the "
+                 "W3C-to-JSONWP bridge for PhantomJS/GhostDriver)")
+
+
 def _message(value: Any) -> str:
     # GhostDriver nests a JSON document (errorMessage + the whole request) inside `message`.
     if isinstance(value, dict):
@@ -229,15 +248,28 @@ def response_dialect(body: Any) -> str | None:
 
 
 def w3c_capabilities(payload: Any) -> dict:
-    """The merged W3C capabilities of a new-session payload: alwaysMatch + firstMatch[0]."""
+    """The merged W3C capabilities of a new-session payload: alwaysMatch + firstMatch[0].
+
+    Raises WebDriverError `invalid argument` where W3C "process capabilities" does: a
+    `capabilities`, `alwaysMatch` or firstMatch entry that is not an object, a firstMatch
+    that is not a non-empty list. Absent (or null) ones count as empty."""
     caps = payload.get("capabilities") if isinstance(payload, dict) else None
-    if not isinstance(caps, dict):
+    if caps is None:
         return {}
-    merged = dict(caps.get("alwaysMatch") or {})
-    first = caps.get("firstMatch") or [{}]
-    if isinstance(first, list) and first and isinstance(first[0], dict):
-        merged.update(first[0])
-    return merged
+    if not isinstance(caps, dict):
+        raise WebDriverError.invalid_argument("new session: capabilities must be an object")
+    always = caps.get("alwaysMatch")
+    if always is None:
+        always = {}
+    elif not isinstance(always, dict):
+        raise WebDriverError.invalid_argument("new session: alwaysMatch must be an object")
+    first = caps.get("firstMatch")
+    if first is None:
+        first = [{}]
+    elif not (isinstance(first, list) and first and all(isinstance(f, dict) for f in first)):
+        raise WebDriverError.invalid_argument(
+            "new session: firstMatch must be a non-empty list of objects")
+    return {**always, **first[0]}
 
 
 _PROMPT_BEHAVIOUR = {"accept and notify": "accept", "dismiss and notify": "dismiss"}
@@ -246,7 +278,8 @@ _PROMPT_BEHAVIOUR = {"accept and notify": "accept", "dismiss and notify": "dismi
 def new_session_request(payload: dict) -> dict:
     """The payload to send for a W3C client's new session: the client's own `capabilities`
     (a W3C backend keeps using them) plus `desiredCapabilities` for a JSONWP one, as Selenium 3
-    clients did. Sent to any backend, its answer then tells the backend's dialect."""
+    clients did. Sent to any backend, its answer then tells the backend's dialect. Malformed
+    capabilities raise WebDriverError `invalid argument` (see `w3c_capabilities`)."""
     desired: dict[str, Any] = {}
     for key, value in w3c_capabilities(payload).items():
         if key == "browserVersion":
@@ -405,6 +438,10 @@ _ATOM_SUBMIT = "/* submitForm */"
 # JSONWP's setTimeout-based script timeout: larger values overflow to "fire at once".
 _MAX_TIMEOUT_MS = 2**31 - 1
 _TIMEOUT_TYPES = {"implicit": "implicit", "pageLoad": "page load", "script": "script"}
+# What a new GhostDriver session uses until told otherwise (session.js `_timeouts`, checked in
+# the PhantomJS 2.1.1 binary and on a real process: a missing element takes ~240 ms to fail,
+# an async script that never calls back never fails). Not W3C's: see `BridgeSession.setup`.
+GHOSTDRIVER_TIMEOUTS = {"implicit": 200, "pageLoad": _MAX_TIMEOUT_MS, "script": _MAX_TIMEOUT_MS}
 
 
 def _valid_timeout(key: str, ms: Any) -> bool:
@@ -413,14 +450,22 @@ def _valid_timeout(key: str, ms: Any) -> bool:
     return isinstance(ms, int) and not isinstance(ms, bool) and 0 <= ms <= 2**53 - 1
 
 
+def _jsonwp_ms(ms: int | None) -> int:
+    """A valid W3C timeout as GhostDriver takes it: null (never) and anything longer than its
+    timers hold become the longest they hold."""
+    return _MAX_TIMEOUT_MS if ms is None else min(ms, _MAX_TIMEOUT_MS)
+
+
 @dataclass
 class BridgeSession:
     """What the bridge must remember about one bridged session: the timeouts (GhostDriver
-    has no GET /timeouts) and the mouse buttons held down (for DELETE /actions). Created by
-    the proxy when a W3C client got a JSONWP backend; mutated only when a plan succeeds."""
+    has no GET /timeouts) and the mouse buttons and modifier keys held down (for DELETE
+    /actions). Created by the proxy when a W3C client got a JSONWP backend; mutated only when
+    a plan succeeds."""
 
     timeouts: dict = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
     pressed: set = field(default_factory=set)  # mouse buttons left down by POST /actions
+    modifiers: set = field(default_factory=set)  # modifier keys left down by POST /actions
 
     @classmethod
     def from_request(cls, payload: dict | None) -> "BridgeSession":
@@ -432,9 +477,14 @@ class BridgeSession:
         return session
 
     def setup(self) -> Step | None:
-        """Calls to run (with `run`) right after the backend created the session: the
-        timeouts the client asked for in its capabilities. None when there is nothing to do."""
-        changed = {k: v for k, v in self.timeouts.items() if v != DEFAULT_TIMEOUTS[k]}
+        """Calls to run (with `run`) right after the backend created the session, so that its
+        timeouts are the W3C ones the client expects (asked for in its capabilities, else W3C's
+        defaults) and GET /timeouts tells the truth. GhostDriver's own defaults differ from
+        W3C's (200 ms implicit wait, scripts and page loads never time out), so a client that
+        sets nothing still needs them sent; each timeout already what GhostDriver uses is not
+        (a command per session is proxy CPU). None when there is nothing to do."""
+        changed = {k: v for k, v in self.timeouts.items()
+                   if _jsonwp_ms(v) != GHOSTDRIVER_TIMEOUTS[k]}
         return self._set_timeouts(changed) if changed else None
 
     def plan(self, method: str, subpath: str, body: Any = None) -> Step:
@@ -451,10 +501,8 @@ class BridgeSession:
             ms = body[key]
             if not _valid_timeout(key, ms):
                 return error("invalid argument", f"timeouts: {key} must be an integer >= 0")
-            # W3C null script timeout: never time out.
-            ms_sent = _MAX_TIMEOUT_MS if ms is None else min(ms, _MAX_TIMEOUT_MS)
             accepted[key] = ms
-            calls.append(("POST", "/timeouts", {"type": jsonwp_type, "ms": ms_sent}))
+            calls.append(("POST", "/timeouts", {"type": jsonwp_type, "ms": _jsonwp_ms(ms)}))
         if not calls:
             return ok(None)
 
@@ -543,17 +591,19 @@ def plan(method: str, subpath: str, body: Any = None, session: BridgeSession | N
         case "POST", ["element", eid, "click" | "clear"]:
             return Plan(command, (("POST", path, {}),), _void)
         case "POST", ["element", eid, "value"]:
-            return _send_keys(command, path, body)
+            return _send_keys(command, path, body, session)
         case "GET", ["element", eid, "text" | "name" | "selected" | "enabled" | "displayed"]:
             return _single(command, "GET", path)
         case "GET", ["element", eid, "css", _]:
             return _single(command, "GET", path)
+        # Path segments come percent-encoded (Java clients send `:wdc:1` as `%3Awdc%3A1`):
+        # what goes from the path into a body is decoded; paths go on as they came.
         case "GET", ["element", eid, "attribute", name]:
             return _script(command, "/execute", _ATTRIBUTE_SCRIPT,
-                           [{JSONWP_ELEMENT: eid}, unquote(name)])
+                           [{JSONWP_ELEMENT: unquote(eid)}, unquote(name)])
         case "GET", ["element", eid, "property", name]:
             return _script(command, "/execute", _PROPERTY_SCRIPT,
-                           [{JSONWP_ELEMENT: eid}, unquote(name)])
+                           [{JSONWP_ELEMENT: unquote(eid)}, unquote(name)])
         case "GET", ["element", eid, "rect"]:
             return Plan(command, (("GET", f"/element/{eid}/location", None),
                                   ("GET", f"/element/{eid}/size", None)), _rect)
@@ -601,7 +651,31 @@ def plan(method: str, subpath: str, body: Any = None, session: BridgeSession | N
         case "DELETE", ["actions"]:
             return _release_actions(command, session)
 
-    return refusal(command)
+        # Selenium's logs: GhostDriver keeps "browser" (console, page errors) and "har".
+        case "POST", ["se", "log"]:
+            kind = _value_arg(body, "type")
+            if not isinstance(kind, str):
+                return error("invalid argument", "get log: expected a string 'type'")
+            return _single(command, "POST", "/log", {"type": kind})
+        case "GET", ["se", "log", "types"]:
+            return _single(command, "GET", "/log/types")
+
+    if _refused_w3c_command(method, segs):
+        return refusal(command)
+    return unknown_command(command)
+
+
+def _refused_w3c_command(method: str, segs: list[str]) -> bool:
+    """A W3C command `plan` has no way to do on GhostDriver (`unsupported operation`); any
+    other path it does not know is no command at all (`unknown command`)."""
+    match method, segs:
+        case "POST", ["print"] | ["window", "minimize" | "fullscreen"]:
+            return True
+        case "GET", ["element", _, "shadow" | "computedrole" | "computedlabel"]:
+            return True
+        case "POST", ["shadow", _, "element" | "elements"]:
+            return True
+    return False
 
 
 def _no_alert() -> Reply:
@@ -616,7 +690,7 @@ def _find(command: str, path: str, body: Any) -> Step:
     return _single(command, "POST", path, {"using": using, "value": value}, _FIND_ERRORS)
 
 
-def _send_keys(command: str, path: str, body: Any) -> Step:
+def _send_keys(command: str, path: str, body: Any, session: BridgeSession) -> Step:
     text = _value_arg(body, "text")
     if isinstance(text, str):
         keys = list(text)
@@ -624,7 +698,12 @@ def _send_keys(command: str, path: str, body: Any) -> Step:
         keys = list("".join(str(k) for k in body["value"]))
     else:
         return error("invalid argument", "send keys: expected a string 'text'")
-    return Plan(command, (("POST", path, {"value": keys}),), _void)
+
+    def typed(values: list[Any]) -> Reply:
+        session.modifiers = set()  # GhostDriver lets go of all modifiers after element typing
+        return ok(None)
+
+    return Plan(command, (("POST", path, {"value": keys}),), typed)
 
 
 def _script(command: str, endpoint: str, script: str, args: list) -> Plan:
@@ -639,13 +718,14 @@ def _execute(command: str, body: Any, endpoint: str) -> Step:
     args = to_jsonwp(args)
     target = _element_id(args[0]) if args else None
     if endpoint == "/execute" and target is not None:
+        element = _element_path(target)
         if script.startswith(_ATOM_IS_DISPLAYED):
-            return _single(command, "GET", f"/element/{target}/displayed")
+            return _single(command, "GET", f"{element}/displayed")
         if script.startswith(_ATOM_GET_ATTRIBUTE) and len(args) > 1 and isinstance(args[1], str):
-            return _single(command, "GET", f"/element/{target}/attribute/{quote(args[1], safe='')}")
+            return _single(command, "GET", f"{element}/attribute/{quote(args[1], safe='')}")
         if script.startswith(_ATOM_SUBMIT):
             # GhostDriver's own submit waits for the page load the submission starts.
-            return Plan(command, (("POST", f"/element/{target}/submit", {}),), _void)
+            return Plan(command, (("POST", f"{element}/submit", {}),), _void)
     return _script(command, endpoint, script, args)
 
 
@@ -666,13 +746,26 @@ def _window_rect(command: str, before: tuple[Call, ...]) -> Plan:
     return Plan(command, calls, combine)
 
 
+def _number(value: Any, low: float, high: float) -> bool:
+    """A JSON number in [low, high]. Python's JSON reads Infinity and NaN, which W3C never
+    sends and int() cannot take."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and low <= value <= high)
+
+
+# W3C "Set Window Rect": width/height 0..2^31-1, x/y -2^31..2^31-1.
+_RECT_RANGE = {"x": (-2**31, 2**31 - 1), "y": (-2**31, 2**31 - 1),
+               "width": (0, 2**31 - 1), "height": (0, 2**31 - 1)}
+
+
 def _set_window_rect(command: str, body: Any) -> Step:
     if not isinstance(body, dict):
         return error("invalid argument", "set window rect: expected a JSON object")
-    for key in ("x", "y", "width", "height"):
+    for key, (low, high) in _RECT_RANGE.items():
         value = body.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            return error("invalid argument", f"set window rect: {key} must be a number or null")
+        if value is not None and not _number(value, low, high):
+            return error("invalid argument", f"set window rect: {key} must be null or a number "
+                         f"from {low} to {high}")
     calls: list[Call] = []
     if body.get("width") is not None and body.get("height") is not None:
         calls.append(("POST", "/window/current/size",
@@ -760,11 +853,20 @@ def _add_cookie(command: str, body: Any) -> Step:
 
 # --- element screenshot --------------------------------------------------------------------
 
+class CorruptPNG(ValueError):
+    """The page screenshot is no PNG that decodes: the backend's fault (`unknown error`),
+    unlike an element with nothing to crop (`unable to capture screen`)."""
+
+
 def _element_screenshot(values: list[Any]) -> Reply:
     location, size, page = values
+    rect = (round(location["x"]), round(location["y"]), round(size["width"]),
+            round(size["height"]))
     try:
-        png = crop_png(base64.b64decode(page), round(location["x"]), round(location["y"]),
-                       round(size["width"]), round(size["height"]))
+        png = crop_png(base64.b64decode(page), *rect)
+    except (CorruptPNG, binascii.Error) as exc:
+        return error("unknown error", f"element screenshot: the backend's page screenshot "
+                     f"is not a valid base64 PNG ({exc})")
     except ValueError as exc:
         return error("unable to capture screen", f"element screenshot: {exc}")
     return ok(base64.b64encode(png).decode("ascii"))
@@ -781,9 +883,18 @@ def _paeth(a: int, b: int, c: int) -> int:
 def crop_png(png: bytes, x: int, y: int, width: int, height: int) -> bytes:
     """Crop an 8-bit RGB/RGBA non-interlaced PNG (what PhantomJS renders) to a rectangle,
     clipped to the image. Pure Python: only the rows above the bottom edge and the columns
-    left of the right edge are unfiltered, since PNG filters look only up and left."""
+    left of the right edge are unfiltered, since PNG filters look only up and left.
+    Raises CorruptPNG for data that does not decode, ValueError when there is nothing to crop
+    or the format is not one PhantomJS writes."""
+    try:
+        return _crop_png(png, x, y, width, height)
+    except (struct.error, zlib.error, IndexError) as exc:
+        raise CorruptPNG(f"corrupt PNG: {exc}") from None
+
+
+def _crop_png(png: bytes, x: int, y: int, width: int, height: int) -> bytes:
     if png[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG")
+        raise CorruptPNG("not a PNG")
     pos, idat, ihdr = 8, [], None
     while pos + 8 <= len(png):
         length, kind = struct.unpack(">I4s", png[pos:pos + 8])
@@ -796,7 +907,7 @@ def crop_png(png: bytes, x: int, y: int, width: int, height: int) -> bytes:
             break
         pos += 12 + length
     if ihdr is None:
-        raise ValueError("PNG without IHDR")
+        raise CorruptPNG("PNG without IHDR")
     img_w, img_h, depth, color, _, _, interlace = ihdr
     if depth != 8 or color not in (2, 6) or interlace:
         raise ValueError(f"unsupported PNG format (depth {depth}, color type {color})")
@@ -807,6 +918,8 @@ def crop_png(png: bytes, x: int, y: int, width: int, height: int) -> bytes:
         raise ValueError("the element is outside the rendered page or has no size")
     raw = zlib.decompress(b"".join(idat))
     stride = img_w * bpp
+    if len(raw) < y1 * (stride + 1):  # short rows would crop silently to garbage
+        raise CorruptPNG(f"corrupt PNG: {len(raw)} bytes of pixel data for {img_w}x{img_h}")
     limit = x1 * bpp
     prev = bytearray(limit)
     rows = []
@@ -830,7 +943,7 @@ def crop_png(png: bytes, x: int, y: int, width: int, height: int) -> bytes:
                 else:
                     line[i] = (line[i] + prev[i]) & 0xFF
         elif ftype != 0:
-            raise ValueError(f"bad PNG filter type {ftype}")
+            raise CorruptPNG(f"bad PNG filter type {ftype}")
         if r >= y0:
             rows.append(b"\x00" + bytes(line[x0 * bpp:limit]))
         prev = line
@@ -846,22 +959,37 @@ def crop_png(png: bytes, x: int, y: int, width: int, height: int) -> bytes:
 
 # --- actions -------------------------------------------------------------------------------
 
-_MODIFIERS = {"\ue008", "\ue009", "\ue00a", "\ue03d", "\ue050", "\ue051", "\ue052", "\ue053"}
+# W3C's modifier keys. GhostDriver knows only the left-hand ones (inputs.js `_isModifierKey`)
+# and toggles one on every /keys that holds it; the right-hand ones it would type as text, so
+# they are sent as their left-hand twins.
+_MODIFIERS = {"\ue008", "\ue009", "\ue00a", "\ue03d"}
+_RIGHT_HAND = {"\ue050": "\ue008", "\ue051": "\ue009", "\ue052": "\ue00a", "\ue053": "\ue03d"}
+# W3C's NULL key; GhostDriver lets go of every modifier on it (inputs.js `_clearModifierKeys`).
+_NULL_KEY = "\ue000"
+_MAX_SAFE = 2**53 - 1
+
+
+def _element_path(eid: str) -> str:
+    # An id from a body goes into a path quoted, as one segment: a "/", "?" or "#" in it must
+    # not make another command of it. GhostDriver's ":wdc:N" ids pass unchanged.
+    return "/element/" + quote(eid, safe=":")
 
 
 def _actions(command: str, body: Any, session: BridgeSession) -> Step:
-    """Map W3C input actions onto JSONWP's moveto/buttondown/buttonup/click/keys.
+    """Map W3C input actions onto JSONWP's moveto/buttondown/buttonup/click/doubleclick/keys.
 
     Ticks run in order, each source's action of a tick in source order. GhostDriver 1.2's
     moveto goes to an element's centre (no offset), to its top-left plus an offset, or, without
     an element, by an offset from where the pointer is. So: a pointerMove from an element maps
     to its centre directly, or, with W3C offsets (which count from the centre), via the
     element's size; from the pointer to a plain relative moveto; from the viewport to a moveto
-    relative to the <html> element. pointerDown directly followed by pointerUp of the same
-    button is one click, otherwise buttondown/buttonup (held buttons are remembered for
-    DELETE /actions). keyDown values are typed into the focused element; a modifier's keyUp
-    releases it. Pauses are skipped: the proxy never waits. Refused: wheel sources, touch and
-    pen pointers."""
+    relative to the <html> element. pointerDown, pointerUp, pointerDown, pointerUp of one
+    button with nothing between is one doubleclick (two JSONWP clicks never make a `dblclick`
+    event); pointerDown directly followed by pointerUp of the same button is one click;
+    otherwise buttondown/buttonup (held buttons are remembered for DELETE /actions). keyDown
+    values are typed into the focused element; a modifier is sent only when its state changes,
+    since GhostDriver toggles it (held modifiers are remembered for DELETE /actions). Pauses
+    are skipped: the proxy never waits. Refused: wheel sources, touch and pen pointers."""
     sources = _value_arg(body, "actions")
     if not isinstance(sources, list):
         return error("invalid argument", "actions: expected a list of input sources")
@@ -871,7 +999,14 @@ def _actions(command: str, body: Any, session: BridgeSession) -> Step:
             return error("invalid argument", "actions: each source needs an actions list")
         kind = source.get("type")
         if kind == "pointer":
-            pointer_type = (source.get("parameters") or {}).get("pointerType", "mouse")
+            parameters = source.get("parameters")
+            if parameters is None:
+                parameters = {}
+            if not isinstance(parameters, dict):
+                return error("invalid argument", "actions: pointer parameters must be an object")
+            pointer_type = parameters.get("pointerType", "mouse")
+            if pointer_type not in ("mouse", "pen", "touch"):
+                return error("invalid argument", f"actions: bad pointerType {pointer_type!r}")
             if pointer_type != "mouse":
                 return refusal(command, f"{pointer_type} pointers have no JSONWP equivalent")
         elif kind not in ("key", "none"):
@@ -885,6 +1020,7 @@ def _actions(command: str, body: Any, session: BridgeSession) -> Step:
 
     # ("call", Call) | ("move", (element id or None, x, y)) | ("down"/"up", button)
     steps: list[tuple[str, Any]] = []
+    held = set(session.modifiers)
     for tick in ticks:
         for kind, action in tick:
             atype = action.get("type")
@@ -894,14 +1030,23 @@ def _actions(command: str, body: Any, session: BridgeSession) -> Step:
                 value = action.get("value")
                 if not isinstance(value, str):
                     return error("invalid argument", "actions: key value must be a string")
-                if atype == "keyDown" or value in _MODIFIERS:
-                    steps.append(("call", ("POST", "/keys", {"value": [value]})))
+                value = _RIGHT_HAND.get(value, value)
+                if value in _MODIFIERS:
+                    if (atype == "keyDown") == (value in held):
+                        continue  # already in that state: a /keys would toggle it
+                    held ^= {value}
+                elif atype == "keyUp":
+                    continue
+                elif value == _NULL_KEY:
+                    held.clear()
+                steps.append(("call", ("POST", "/keys", {"value": [value]})))
                 continue
             if kind == "pointer" and atype == "pointerMove":
                 origin = action.get("origin", "viewport")
                 x, y = action.get("x", 0), action.get("y", 0)
-                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y)):
-                    return error("invalid argument", "actions: pointerMove x and y must be numbers")
+                if not all(_number(v, -_MAX_SAFE, _MAX_SAFE) for v in (x, y)):
+                    return error("invalid argument", "actions: pointerMove x and y must be "
+                                 "finite numbers")
                 ref = _element_id(origin)
                 if ref is None and origin not in ("viewport", "pointer"):
                     return error("invalid argument", f"actions: bad pointerMove origin {origin!r}")
@@ -921,7 +1066,7 @@ def _actions(command: str, body: Any, session: BridgeSession) -> Step:
         if origin == "viewport":
             call = ("POST", "/element", {"using": "xpath", "value": "/html"})
         elif origin != "pointer" and (x or y):
-            call = ("GET", f"/element/{origin}/size", None)
+            call = ("GET", _element_path(origin) + "/size", None)
         else:
             continue
         if call not in lookups:
@@ -931,7 +1076,10 @@ def _actions(command: str, body: Any, session: BridgeSession) -> Step:
         by_path = dict(zip((c[1] for c in lookups), found))
         calls: list[Call] = []
         pressed = set(session.pressed)
-        for index, (what, arg) in enumerate(steps):
+        index = 0
+        while index < len(steps):
+            what, arg = steps[index]
+            index += 1
             if what == "call":
                 calls.append(arg)
             elif what == "move":
@@ -941,27 +1089,33 @@ def _actions(command: str, body: Any, session: BridgeSession) -> Step:
                 elif origin == "viewport":
                     move = {"element": _element_id(by_path["/element"]), "xoffset": x, "yoffset": y}
                 elif x or y:
-                    size = by_path[f"/element/{origin}/size"]
+                    size = by_path[_element_path(origin) + "/size"]
                     move = {"element": origin, "xoffset": int(size["width"] // 2 + x),
                             "yoffset": int(size["height"] // 2 + y)}
                 else:
                     move = {"element": origin}  # GhostDriver's own centre
                 calls.append(("POST", "/moveto", move))
             elif what == "down":
-                nxt = steps[index + 1] if index + 1 < len(steps) else None
-                if nxt == ("up", arg):
+                click = [("up", arg)]
+                double = click + [("down", arg), ("up", arg)]
+                if arg in pressed:
+                    pass  # W3C: pressing a button already down does nothing
+                elif steps[index:index + 3] == double:
+                    calls.append(("POST", "/doubleclick", {"button": arg}))
+                    index += 3
+                elif steps[index:index + 1] == click:
                     calls.append(("POST", "/click", {"button": arg}))
+                    index += 1
                 else:
                     calls.append(("POST", "/buttondown", {"button": arg}))
                     pressed.add(arg)
-            elif what == "up":
-                prev = steps[index - 1] if index else None
-                if prev != ("down", arg):  # else already sent as part of a click
-                    calls.append(("POST", "/buttonup", {"button": arg}))
-                    pressed.discard(arg)
+            else:  # "up"
+                calls.append(("POST", "/buttonup", {"button": arg}))
+                pressed.discard(arg)
 
         def done(values: list[Any]) -> Reply:
             session.pressed = pressed
+            session.modifiers = held
             return ok(None)
 
         return Plan(command, tuple(calls), done) if calls else ok(None)
@@ -973,16 +1127,19 @@ def _actions(command: str, body: Any, session: BridgeSession) -> Step:
 
 def _release_actions(command: str, session: BridgeSession) -> Step:
     """W3C "release actions": let go of what earlier actions left pressed (JSONWP keeps a
-    pressed button until buttonup)."""
-    if not session.pressed:
+    pressed button until buttonup, a modifier until it is sent again or the NULL key)."""
+    calls: list[Call] = [("POST", "/buttonup", {"button": b}) for b in sorted(session.pressed)]
+    if session.modifiers:
+        calls.append(("POST", "/keys", {"value": [_NULL_KEY]}))
+    if not calls:
         return ok(None)
-    buttons = sorted(session.pressed)
 
     def done(values: list[Any]) -> Reply:
         session.pressed = set()
+        session.modifiers = set()
         return ok(None)
 
-    return Plan(command, tuple(("POST", "/buttonup", {"button": b}) for b in buttons), done)
+    return Plan(command, tuple(calls), done)
 
 
 # --- running a plan ------------------------------------------------------------------------

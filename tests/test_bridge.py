@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import struct
 import zlib
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from stickyproxy import bridge
 from stickyproxy.bridge import JSONWP_ELEMENT, W3C_ELEMENT, BridgeSession, Plan, Reply
+from stickyproxy.webdriver import WebDriverError
 
 E = "elem-1"
 REF = {W3C_ELEMENT: E, JSONWP_ELEMENT: E}  # how the bridge answers an element
@@ -138,18 +140,24 @@ def test_new_session_response_failure(status, body, message) -> None:
     assert message in answer["value"]["message"]
 
 
+W3C_DEFAULT_SETUP = [("POST", "/timeouts", {"type": "implicit", "ms": 0}),
+                     ("POST", "/timeouts", {"type": "page load", "ms": 300000}),
+                     ("POST", "/timeouts", {"type": "script", "ms": 30000})]
+
+
 def test_requested_timeouts_are_applied_after_creation() -> None:
     payload = {"capabilities": {"alwaysMatch": {"timeouts": {"implicit": 1500, "script": None}}}}
     session = BridgeSession.from_request(payload)
     setup = session.setup()
     reply, made = drive(setup, {("POST", "/timeouts"): ok({})})
     assert reply.status == 200
+    # A null script timeout is what GhostDriver does already (never): not sent.
     assert made == [("POST", "/timeouts", {"type": "implicit", "ms": 1500}),
-                    ("POST", "/timeouts", {"type": "script", "ms": 2**31 - 1})]
+                    ("POST", "/timeouts", {"type": "page load", "ms": 300000})]
     assert session.timeouts == {"implicit": 1500, "pageLoad": 300000, "script": None}
-    assert BridgeSession.from_request(SELENIUM4_PAYLOAD).setup() is None
     bad = {"capabilities": {"alwaysMatch": {"timeouts": {"implicit": -5, "pageLoad": None}}}}
-    assert BridgeSession.from_request(bad).setup() is None  # ignored, defaults kept
+    _, made = drive(BridgeSession.from_request(bad).setup(), {("POST", "/timeouts"): ok({})})
+    assert made == W3C_DEFAULT_SETUP  # ignored, W3C defaults applied
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -514,8 +522,6 @@ def test_alerts_are_never_open(method, subpath) -> None:
     ("GET", f"/element/{E}/computedrole", "/computedrole"),
     ("GET", f"/element/{E}/computedlabel", "/computedlabel"),
     ("POST", "/shadow/s1/element", "/shadow/s1/element"),
-    ("POST", "/se/log", "/se/log"),
-    ("GET", "/whatever/else", "GET /session/{id}/whatever/else"),
 ])
 def test_refusals_name_the_command(method, subpath, named) -> None:
     reply = bridge.plan(method, subpath, {})
@@ -730,3 +736,204 @@ def test_element_screenshot_crops_the_page() -> None:
         ("GET", f"/element/{E}/size"): ok({"width": 6, "height": 2}),
         ("GET", "/screenshot"): ok(page)})
     assert reply.body["value"]["error"] == "unable to capture screen"
+
+
+# --- review fixes: each case failed before its fix -----------------------------------------
+
+@pytest.mark.parametrize("timeouts, calls", [
+    # A client that sets nothing gets W3C's defaults, not GhostDriver's (200 ms implicit wait,
+    # scripts and page loads never time out).
+    (None, W3C_DEFAULT_SETUP),
+    ({"implicit": 0, "pageLoad": 300000, "script": 30000}, W3C_DEFAULT_SETUP),
+    ({"script": 500}, [W3C_DEFAULT_SETUP[0], W3C_DEFAULT_SETUP[1],
+                       ("POST", "/timeouts", {"type": "script", "ms": 500})]),
+    # What GhostDriver uses already is not sent: a command per session is proxy CPU.
+    ({"implicit": 200, "pageLoad": 10**12, "script": None}, []),
+    ({"implicit": 200, "pageLoad": 2**31 - 1, "script": 2**31 - 1}, []),
+])
+def test_setup_makes_ghostdriver_timeouts_w3c(timeouts, calls) -> None:
+    always = {"browserName": "phantomjs"} if timeouts is None else {"timeouts": timeouts}
+    session = BridgeSession.from_request({"capabilities": {"alwaysMatch": always}})
+    setup = session.setup()
+    if not calls:
+        assert setup is None
+    else:
+        reply, made = drive(setup, {("POST", "/timeouts"): ok({})})
+        assert reply == Reply(200, {"value": None}) and made == calls
+    # GET /timeouts answers what the backend now uses.
+    expected = {**bridge.DEFAULT_TIMEOUTS, **(timeouts or {})}
+    assert session.plan("GET", "/timeouts") == Reply(200, {"value": expected})
+
+
+@pytest.mark.parametrize("what, script", [("attribute", bridge._ATTRIBUTE_SCRIPT),
+                                          ("property", bridge._PROPERTY_SCRIPT)],
+                         ids=["attribute", "property"])
+def test_encoded_element_ids_are_decoded_into_script_arguments(what, script) -> None:
+    # Java clients percent-encode path segments: `:wdc:1` arrives as `%3Awdc%3A1`.
+    step = bridge.plan("GET", f"/element/%3Awdc%3A1/{what}/data%2Dx")
+    assert step.calls == (("POST", "/execute", {"script": script,
+                                                "args": [{JSONWP_ELEMENT: ":wdc:1"}, "data-x"]}),)
+    # Paths go on as they came (GhostDriver decodes them itself).
+    step = bridge.plan("GET", "/element/%3Awdc%3A1/rect")
+    assert [c[1] for c in step.calls] == ["/element/%3Awdc%3A1/location",
+                                          "/element/%3Awdc%3A1/size"]
+
+
+def test_element_ids_from_bodies_cannot_leave_their_path() -> None:
+    atom = {"script": "/* isDisplayed */return 1;", "args": [{W3C_ELEMENT: "../../x"}]}
+    assert bridge.plan("POST", "/execute/sync", atom).calls == (
+        ("GET", "/element/..%2F..%2Fx/displayed", None),)
+    move = {"type": "pointerMove", "x": 1, "y": 1, "origin": {W3C_ELEMENT: "a/b"}}
+    step = bridge.plan("POST", "/actions", {"actions": [mouse(move)]})
+    assert step.calls == (("GET", "/element/a%2Fb/size", None),)
+
+
+@pytest.mark.parametrize("method, subpath", [
+    ("POST", "/se/file"), ("POST", "/se/files"), ("GET", "/whatever/else"),
+    ("POST", "/goog/cdp/execute"), ("GET", "/print"),
+])
+def test_unknown_commands_are_unknown_command(method, subpath) -> None:
+    reply = bridge.plan(method, subpath, {"file": "UEsDBA=="})
+    assert reply.status == 404 and reply.body["value"]["error"] == "unknown command"
+    # Selenium's Python client types a file's path when its upload fails with this text.
+    assert f"Command not found: {method} /session/{{id}}{subpath}" in reply.body["value"]["message"]
+
+
+def test_log_commands_map_to_ghostdriver_logs() -> None:
+    entry = {"level": "INFO", "message": "hi (:1)", "timestamp": 1}
+    reply, made = drive(bridge.plan("POST", "/se/log", {"type": "browser"}),
+                        {("POST", "/log"): ok([entry])})
+    assert made == [("POST", "/log", {"type": "browser"})] and reply.body == {"value": [entry]}
+    reply, made = drive(bridge.plan("GET", "/se/log/types"),
+                        {("GET", "/log/types"): ok(["har", "browser"])})
+    assert made == [("GET", "/log/types", None)] and reply.body == {"value": ["har", "browser"]}
+    reply = bridge.plan("POST", "/se/log", {})
+    assert reply.status == 400 and reply.body["value"]["error"] == "invalid argument"
+
+
+ON_E = {"type": "pointerMove", "x": 0, "y": 0, "origin": {W3C_ELEMENT: E}}
+MOVE_TO_E = ("POST", "/moveto", {"element": E})
+
+
+@pytest.mark.parametrize("actions, calls", [
+    # ActionChains.double_click(e): down/up/down/up of one button is GhostDriver's
+    # doubleclick (two clicks never fire `dblclick`).
+    ([ON_E, DOWN, UP, DOWN, UP], [MOVE_TO_E, ("POST", "/doubleclick", {"button": 0})]),
+    ([ON_E, DOWN, PAUSE, UP, PAUSE, DOWN, UP],
+     [MOVE_TO_E, ("POST", "/doubleclick", {"button": 0})]),
+    ([DOWN, UP, DOWN, UP, DOWN, UP], [("POST", "/doubleclick", {"button": 0}),
+                                      ("POST", "/click", {"button": 0})]),
+    # Not at the same place, or not the same button: two clicks.
+    ([DOWN, UP, ON_E, DOWN, UP], [("POST", "/click", {"button": 0}), MOVE_TO_E,
+                                  ("POST", "/click", {"button": 0})]),
+    ([DOWN, UP, {"type": "pointerDown", "button": 2}, {"type": "pointerUp", "button": 2}],
+     [("POST", "/click", {"button": 0}), ("POST", "/click", {"button": 2})]),
+])
+def test_double_click_is_one_doubleclick(actions, calls) -> None:
+    step = bridge.plan("POST", "/actions", {"actions": [mouse(*actions)]})
+    reply, made = drive(step, {(m, p): ok({}) for m, p, _ in calls})
+    assert reply == Reply(200, {"value": None}) and made == calls
+
+
+def test_pressing_a_held_button_again_does_nothing() -> None:
+    session = BridgeSession(pressed={0})
+    reply, made = drive(session.plan("POST", "/actions", {"actions": [mouse(DOWN, UP)]}),
+                        {("POST", "/buttonup"): ok({})})
+    assert made == [("POST", "/buttonup", {"button": 0})] and session.pressed == set()
+
+
+def test_release_actions_lets_go_of_held_modifiers() -> None:
+    session = BridgeSession()
+    shift = {"type": "keyDown", "value": "\ue008"}
+    right_ctrl = {"type": "keyDown", "value": "\ue051"}
+    # Right-hand modifiers go as their left-hand twins (GhostDriver would type them); a
+    # modifier already down is not sent again (GhostDriver toggles it on each /keys).
+    step = session.plan("POST", "/actions", {"actions": [keys(shift, right_ctrl, shift)]})
+    reply, made = drive(step, {("POST", "/keys"): ok({})})
+    assert [c[2]["value"] for c in made] == [["\ue008"], ["\ue009"]]
+    assert session.modifiers == {"\ue008", "\ue009"}
+    reply, made = drive(session.plan("DELETE", "/actions"), {("POST", "/keys"): ok({})})
+    assert made == [("POST", "/keys", {"value": ["\ue000"]})]  # GhostDriver's NULL: all up
+    assert session.modifiers == set()
+    assert session.plan("DELETE", "/actions") == Reply(200, {"value": None})
+    # A keyUp of a modifier not down sends nothing (it would press it).
+    assert session.plan("POST", "/actions", {"actions": [keys(
+        {"type": "keyUp", "value": "\ue008"})]}) == Reply(200, {"value": None})
+    # Element typing lets go of GhostDriver's modifiers: nothing left to release.
+    drive(session.plan("POST", "/actions", {"actions": [keys(shift)]}), {("POST", "/keys"): ok({})})
+    drive(session.plan("POST", f"/element/{E}/value", {"text": "a"}),
+          {("POST", f"/element/{E}/value"): ok(None)})
+    assert session.plan("DELETE", "/actions") == Reply(200, {"value": None})
+
+
+@pytest.mark.parametrize("method, subpath, raw", [
+    # Python's JSON (what the proxy parses bodies with) reads Infinity and NaN.
+    ("POST", "/window/rect", '{"width": Infinity, "height": 600}'),
+    ("POST", "/window/rect", '{"x": NaN, "y": 0}'),
+    ("POST", "/window/rect", '{"width": -1, "height": 600}'),
+    ("POST", "/window/rect", '{"width": 1e300, "height": 600}'),
+    ("POST", "/actions", '{"actions": [{"type": "pointer", "id": "m", "actions": ['
+                         '{"type": "pointerMove", "x": Infinity, "y": 0}]}]}'),
+    ("POST", "/actions", '{"actions": [{"type": "pointer", "id": "m", "actions": ['
+                         '{"type": "pointerMove", "x": 0, "y": NaN, "origin": "pointer"}]}]}'),
+    ("POST", "/actions", '{"actions": [{"type": "pointer", "id": "m", "parameters": [],'
+                         ' "actions": []}]}'),
+    ("POST", "/actions", '{"actions": [{"type": "pointer", "id": "m", "parameters": "mouse",'
+                         ' "actions": []}]}'),
+    ("POST", "/actions", '{"actions": [{"type": "pointer", "id": "m", "parameters": '
+                         '{"pointerType": "finger"}, "actions": []}]}'),
+])
+def test_odd_numbers_and_shapes_are_invalid_argument(method, subpath, raw) -> None:
+    reply = bridge.plan(method, subpath, json.loads(raw))
+    assert isinstance(reply, Reply)
+    assert reply.status == 400 and reply.body["value"]["error"] == "invalid argument"
+
+
+@pytest.mark.parametrize("capabilities", [
+    "phantomjs", [], {"alwaysMatch": "phantomjs"}, {"alwaysMatch": [{"browserName": "x"}]},
+    {"alwaysMatch": {}, "firstMatch": {}}, {"firstMatch": []}, {"firstMatch": ["x"]},
+    {"firstMatch": [{}, 3]},
+])
+def test_malformed_new_session_capabilities_are_invalid_argument(capabilities) -> None:
+    with pytest.raises(WebDriverError) as caught:
+        bridge.new_session_request({"capabilities": capabilities})
+    assert (caught.value.status, caught.value.error) == (400, "invalid argument")
+
+
+def _corrupt(png: bytes, how: str) -> bytes:
+    ihdr_end = 8 + 12 + 13
+    if how == "truncated chunk":  # a chunk header cut short inside IHDR: struct.error
+        return png[:8] + struct.pack(">I4s", 5, b"IHDR") + b"\x00\x00"
+    if how == "bad deflate":  # IDAT that is no zlib stream: zlib.error
+        return png[:ihdr_end] + struct.pack(">I4s", 4, b"IDAT") + b"junk" + b"\x00" * 4
+    if how == "short pixels":  # a valid stream with too few rows: IndexError
+        data = zlib.compress(b"\x00")
+        return png[:ihdr_end] + struct.pack(">I4s", len(data), b"IDAT") + data + b"\x00" * 4
+    if how == "not base64":
+        return b"\x89PNG"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated chunk", "bad deflate", "short pixels", "not base64"])
+def test_corrupt_backend_screenshot_is_unknown_error(how) -> None:
+    png = make_png(image(20, 10), [0])
+    page = base64.b64encode(_corrupt(png, how)).decode()
+    if how == "not base64":
+        page = page[:-1]  # bad padding: binascii.Error
+    reply, _ = drive(bridge.plan("GET", f"/element/{E}/screenshot"), {
+        ("GET", f"/element/{E}/location"): ok({"x": 0, "y": 0}),
+        ("GET", f"/element/{E}/size"): ok({"width": 6, "height": 2}),
+        ("GET", "/screenshot"): ok(page)})
+    assert reply.status == 500 and reply.body["value"]["error"] == "unknown error"
+    assert "not a valid base64 PNG" in reply.body["value"]["message"]
+
+
+def test_any_odd_backend_value_is_unknown_error() -> None:
+    def combine(values: list) -> Reply:
+        return ok(values[0][5])  # an IndexError, as a short list from the backend gives
+
+    plan = Plan("GET /session/{id}/x", (("GET", "/x", None),), combine)
+    assert plan.reply([ok([1])]).body["value"]["error"] == "unknown error"
+    # JSON's 1e999 is infinity: int() of it overflows.
+    reply, _ = drive(bridge.plan("POST", "/frame/parent"), {("POST", "/execute"): ok([1e999, 0])})
+    assert reply.body["value"]["error"] == "unknown error"

@@ -49,10 +49,12 @@ from selenium.webdriver.common.actions import interaction  # noqa: E402
 from selenium.webdriver.common.actions.action_builder import ActionBuilder  # noqa: E402
 from selenium.webdriver.common.actions.pointer_input import PointerInput  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.common.options import ArgOptions  # noqa: E402
 from selenium.webdriver.common.print_page_options import PrintOptions  # noqa: E402
 from selenium.webdriver.common.timeouts import Timeouts  # noqa: E402
 from selenium.webdriver.remote.client_config import ClientConfig  # noqa: E402
+from selenium.webdriver.remote.command import Command  # noqa: E402
 from selenium.webdriver.remote.remote_connection import RemoteConnection  # noqa: E402
 
 from conftest import Proxy, close_pipes, start_proxy, stop_processes, wait_for, wait_up  # noqa: E402
@@ -78,13 +80,36 @@ def bridged_phantom(shared_phantoms) -> str:
 
 SLOW_PAGE_SECONDS = 2.0
 
+# Pages only the bridge's tests use: every mouse event on a button, logged in order; a file field.
+EVENTS_PAGE = """<!DOCTYPE html><html><head><title>events</title></head><body>
+<button id="target" style="width: 160px; height: 32px">press me</button>
+<p id="events"></p>
+<script>
+  var target = document.getElementById('target'), log = document.getElementById('events');
+  ['mousedown', 'mouseup', 'click', 'dblclick'].forEach(function (kind) {
+    target.addEventListener(kind, function () {
+      log.textContent += (log.textContent ? ' ' : '') + kind;
+    });
+  });
+  target.ondblclick = function () { document.title = 'double-clicked'; };
+</script></body></html>"""
+UPLOAD_PAGE = """<!DOCTYPE html><html><head><title>upload</title></head><body>
+<form><input id="upload" type="file" name="upload"> <input id="note" type="text"></form>
+</body></html>"""
+
 
 def site_app() -> web.Application:
-    """The static test site, plus /slow: a page that takes SLOW_PAGE_SECONDS to answer."""
+    """The static test site, plus /slow: a page that takes SLOW_PAGE_SECONDS to answer, and
+    /events.html and /upload.html."""
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(SLOW_PAGE_SECONDS)
         return web.Response(text="<html><title>slow</title></html>", content_type="text/html")
+
+    def page(html: str):
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(text=html, content_type="text/html")
+        return handler
 
     async def no_store(request: web.Request, response: web.StreamResponse) -> None:
         # PhantomJS keeps one page cache for all its sessions. CI once caught an empty
@@ -97,6 +122,8 @@ def site_app() -> web.Application:
     app = web.Application()
     app.on_response_prepare.append(no_store)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/events.html", page(EVENTS_PAGE))
+    app.router.add_get("/upload.html", page(UPLOAD_PAGE))
     app.router.add_static("/", SITE)
     return app
 
@@ -576,6 +603,83 @@ def test_ended_session_is_invalid(endpoint) -> None:
     drv.quit()
     with pytest.raises(InvalidSessionIdException):
         drv.title
+
+
+# --- review fixes: each failed before its fix ----------------------------------------------
+
+# A client that sets no timeouts gets W3C's (implicit 0, page load 300 s, script 30 s), not
+# GhostDriver's own (200 ms implicit wait, scripts and page loads never time out).
+
+def test_w3c_default_implicit_wait_without_asking(endpoint, site) -> None:
+    drv = new_driver(endpoint)
+    try:
+        t = drv.timeouts
+        assert (t.implicit_wait, t.page_load, t.script) == (0, 300, 30)
+        _settled(drv, lambda: drv.get(site + "/index.html"), "heading")
+        # GhostDriver's 200 ms implicit wait would find an element added 120 ms later.
+        drv.execute_script("setTimeout(function () { var p = document.createElement('p');"
+                           " p.id = 'soon'; document.body.appendChild(p); }, 120);")
+        with pytest.raises(NoSuchElementException):
+            drv.find_element(By.ID, "soon")
+    finally:
+        drv.quit()
+
+
+def test_w3c_default_script_timeout_without_asking(endpoint) -> None:
+    drv = new_driver(endpoint)  # its HTTP client gives up after 60 s
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutException):
+            drv.execute_async_script("var done = arguments[0];")  # never calls back
+        assert 29 <= time.monotonic() - started < 50
+    finally:
+        drv.quit()
+
+
+def test_send_keys_of_a_local_file_path_selects_the_file(browser, site) -> None:
+    """Selenium uploads a path that exists locally (POST /se/file) and, told the command is
+    not found, types the path instead; GhostDriver then selects that file."""
+    _settled(browser, lambda: browser.get(site + "/upload.html"), "upload")
+    here = Path(__file__).resolve()
+    field = browser.find_element(By.ID, "upload")
+    field.send_keys(str(here))
+    assert browser.execute_script(
+        "var f = arguments[0].files; return f.length ? f[0].name : null;", field) == here.name
+
+
+def test_double_click_fires_dblclick(browser, site) -> None:
+    _settled(browser, lambda: browser.get(site + "/events.html"), "target")
+    ActionChains(browser).double_click(browser.find_element(By.ID, "target")).perform()
+    assert browser.find_element(By.ID, "events").text == \
+        "mousedown mouseup click mousedown mouseup click dblclick"
+    assert browser.title == "double-clicked"
+
+
+def test_release_actions_lets_go_of_modifier_keys(browser, site) -> None:
+    _settled(browser, lambda: browser.get(site + "/upload.html"), "note")
+    note = browser.find_element(By.ID, "note")
+    note.click()
+    chain = ActionChains(browser).key_down(Keys.SHIFT)
+    chain.perform()
+    ActionChains(browser).send_keys("a").perform()
+    chain.reset_actions()  # DELETE /actions: shift goes up
+    ActionChains(browser).send_keys("b").perform()
+    assert note.get_property("value") == "Ab"
+
+
+def test_odd_input_is_invalid_argument_end_to_end(endpoint, browser) -> None:
+    with pytest.raises(InvalidArgumentException):  # Python's json sends Infinity
+        browser.set_window_rect(width=float("inf"), height=600)
+    status, body = _http("POST", endpoint + "/session",
+                         {"capabilities": {"alwaysMatch": "phantomjs"}})
+    assert (status, body["value"]["error"]) == (400, "invalid argument")
+
+
+def test_logs_through_selenium_extensions(browser) -> None:
+    browser.execute_script("console.log('hello from the page');")
+    assert set(browser.execute(Command.GET_AVAILABLE_LOG_TYPES)["value"]) >= {"browser", "har"}
+    entries = browser.execute(Command.GET_LOG, {"type": "browser"})["value"]
+    assert any("hello from the page" in e["message"] for e in entries)
 
 
 # --- the new-session payload on a W3C backend ----------------------------------------------
