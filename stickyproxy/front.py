@@ -235,17 +235,17 @@ class Request:
         `length` it is sent chunked (or close-delimited to an HTTP/1.0 client)."""
         self.sent = True
         conn = self._conn
-        if status in _BODILESS:
+        bodiless = status in _BODILESS
+        close = not self.keep_alive or (length is None and self._http10 and not bodiless)
+        head = conn.head(status, _keep_alive(headers) if self._http10 and not close else headers,
+                         close)
+        if bodiless:
             # No body and no framing, whatever came (RFC 9110 6.4.1): a client reads none, so a
             # chunked terminator would be read as the start of the next answer.
             async for _ in chunks:
                 pass
-            conn.write(conn.head(status, headers, not self.keep_alive) + b"\r\n",
-                       not self.keep_alive)
+            conn.write(head + b"\r\n", close)
             return
-        close = not self.keep_alive or (length is None and self._http10)
-        head = conn.head(status, _keep_alive(headers) if self._http10 and not close else headers,
-                         close)
         framed = length is None and not self._http10
         if length is not None:
             head += b"Content-Length: %d\r\n" % length
@@ -322,7 +322,7 @@ class Connection(asyncio.Protocol):
                  "_starting", "closing", "broken", "paused", "_drain", "_idle", "last_active",
                  "_refused", "lingering", "_linger_until", "_url", "_headers", "_forward",
                  "_length", "_chunked", "_expect", "_listed", "_parsing", "_not_forwarded",
-                 "_unparsed", "_head_limit")
+                 "_unparsed", "_head_limit", "_continue_due")
 
     def __init__(self, port: Port) -> None:
         self.port = port
@@ -359,6 +359,7 @@ class Connection(asyncio.Protocol):
         # it is whole. Counted per read, not per header: the hot path pays one rfind.
         self._unparsed = 0
         self._head_limit = 2 * port.max_header_size + 256
+        self._continue_due: Request | None = None  # its 100 Continue waits for earlier answers
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -589,7 +590,8 @@ class Connection(asyncio.Protocol):
             self._expect = True
         elif (lower == b"connection" and value.lower() not in _USUAL_OPTIONS
               and (listed := listed_in_connection(value))):
-            self._listed = listed  # (for this hop only: dropped once the head is whole)
+            # (for this hop only: dropped once the head is whole; several Connection headers add up)
+            self._listed = listed if self._listed is None else self._listed | listed
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -608,12 +610,12 @@ class Connection(asyncio.Protocol):
         self._url, self._headers, self._forward = b"", [], b""
         self._length, self._chunked, self._expect = None, False, False
         self._parsing = request if has_body else None
-        if (expect and has_body and (request.content_length or 0) <= self.port.max_body
-                and not self.busy and not self.waiting):
-            # (over the limit it is refused: 100 Continue would invite the upload first; behind
-            # a request still being answered, it would come before that answer: the client
-            # sends its body after its own wait instead, as HTTP allows)
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
+        if expect and has_body and (request.content_length or 0) <= self.port.max_body:
+            # (over the limit it is refused: 100 Continue would invite the upload first)
+            if self.busy or self.waiting:
+                self._continue_due = request  # (sent once the answers before it are out)
+            else:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
         if has_body and not request.chunked and request.content_length <= _WHOLE:
             return  # served once its body is here (on_message_complete), whole
         self._enqueue(request)
@@ -691,6 +693,11 @@ class Connection(asyncio.Protocol):
             self.write(b"", True)
             return
         self.last_active = self.loop.time()
+        due = self._continue_due
+        if due is not None and (not self.waiting or self.waiting[0] is due):
+            self._continue_due = None  # the answers before it are out: its turn
+            if not due.body.done:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n", False)
         if not self._starting:
             if self.waiting:
                 self._serve()

@@ -27,7 +27,7 @@ from .queue import QueueFull, SessionQueue
 from .health import DOWN
 from .routing import Attempt, may_retry_elsewhere
 from .sessions import EndReason, Session, SessionTable
-from .upstream import HOP_BY_HOP, WHOLE, NotConnected, Response, UpstreamError
+from .upstream import HOP_BY_HOP, WHOLE, NotConnected, Response, UpstreamError, without_headers
 from .webdriver import Kind, WebDriverError, session_id_of, with_chrome_args
 
 log = logging.getLogger("stickyproxy")
@@ -447,14 +447,14 @@ def _sent_body(new: NewSession, backend: Backend) -> bytes:
     return json.dumps(bridge.new_session_request(with_chrome_args(new.payload, chrome_args))).encode()
 
 
-def _sent_headers(request: Request, new: NewSession) -> bytes | list[Header]:
+def _sent_headers(request: Request, new: NewSession) -> bytes:
     if not new.w3c_client:
         return request.forward
-    # The body was rewritten: its length is recomputed by upstream, its type stays JSON.
-    dropped = request.app.guard.auth.enabled and b"authorization"
-    headers = [h for h in request.raw_headers if h[0].lower() not in (b"content-type", dropped)]
-    headers.append((b"Content-Type", b"application/json; charset=utf-8"))
-    return headers
+    # The body was rewritten: its length is recomputed by upstream, its type stays JSON. The
+    # rest as forwarded (front.py dropped hop-by-hop headers, those Connection lists, and
+    # stickyproxy's own credentials).
+    return (without_headers(request.forward, frozenset({b"content-type"}))
+            + b"Content-Type: application/json; charset=utf-8\r\n")
 
 
 def _new_session_answered(request: Request, app: App, new: NewSession, backend: Backend,

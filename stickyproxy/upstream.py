@@ -109,7 +109,7 @@ class _Reader:
             self.conn.chunked = value.rstrip().lower().endswith(b"chunked")
         elif (lower == b"connection" and value.lower() not in _USUAL_OPTIONS
               and (listed := listed_in_connection(value))):
-            self.listed = listed
+            self.listed = listed if self.listed is None else self.listed | listed
 
     def on_headers_complete(self) -> None:
         conn = self.conn
