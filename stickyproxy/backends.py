@@ -48,6 +48,7 @@ class Backend:
     drain_reason: str = ""  # why admin is DRAIN: "admin" or a recycling sentence
     recycling: bool = False
     replacement: str = ""  # id of the backend started to take its place
+    replace_failed: bool = False  # starting its replacement failed on the last try
     started: float = field(default_factory=time.monotonic)  # this generation's start
     generation_sessions: int = 0  # sessions created since `started`
 
@@ -236,11 +237,19 @@ class Pool:
         tried = set(tried)
         return any(b.takes_new_sessions and b.id not in tried for b in self.backends.values())
 
-    @property
-    def replacing(self) -> bool:
-        """Is a worn backend draining for recycling? Then its replacement is on its way (it
-        starts, or retries, on the lifecycle's next tick), and new sessions may wait for it."""
-        return any(b.recycling for b in self.backends.values())
+    def replacing(self, tried: Iterable[str] = ()) -> bool:
+        """Is a recycled backend's replacement on its way, so a new session may wait for it?
+        Not started yet (it starts on the lifecycle's next tick), or started and not up yet;
+        not when its start failed last time, nor when it refused this very request."""
+        for b in self.backends.values():
+            if not b.recycling or b.replace_failed:
+                continue
+            replacement = self.backends.get(b.replacement) if b.replacement else None
+            if replacement is None:
+                return True  # (a local one joins the pool once its port accepts connections)
+            if not replacement.health.up and replacement.id not in tried:
+                return True
+        return False
 
     @property
     def any_up(self) -> bool:

@@ -283,7 +283,12 @@ class Lifecycle:
             await self._retire_gone(backend)
         elif backend.recycling and not backend.replacement:
             # Keep capacity: its replacement starts now, while it still serves its sessions.
-            backend.replacement = await self._recycler(backend).replace(backend.id)
+            try:
+                backend.replacement = await self._recycler(backend).replace(backend.id)
+            except Exception:
+                backend.replace_failed = True  # (new sessions do not queue for it meanwhile)
+                raise  # (logged by recycle(); the next tick tries again)
+            backend.replace_failed = False
         elif backend.recycling:
             await self._maybe_retire(backend)
         else:

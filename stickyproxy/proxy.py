@@ -619,7 +619,7 @@ async def _wait_for_slot(request: Request, app: App, cookie: str | None,
     pool, queue = app.pool, app.queue
     if app.state.shutting_down:
         raise WebDriverError.session_not_created("stickyproxy is shutting down")
-    if not pool.could_take(tried) and not pool.replacing:
+    if not pool.could_take(tried) and not pool.replacing(tried):
         raise WebDriverError.session_not_created(_no_backend_message(pool, tried))
     timeout = app.queue_timeout
     began, again, refused = time.monotonic(), False, False
@@ -648,7 +648,9 @@ async def _wait_for_slot(request: Request, app: App, cookie: str | None,
     except TimeoutError:
         log.warning("SESSION_NOT_CREATED reason=queue_timeout waited=%s", fmt(timeout))
         why = ("its turn came to a backend that stopped taking new sessions, and none had room "
-               "for the rest of" if again else "every backend stayed full for")
+               "for the rest of" if again else
+               "the backends up were draining for recycling, and no replacement took sessions "
+               "within" if not pool.could_take(tried) else "every backend stayed full for")
         raise WebDriverError.session_not_created(
             f"{why} {fmt(timeout)} (--queue-timeout); "
             f"{len(pool.backends)} backends, --max-sessions {pool.max_sessions}") from None

@@ -127,3 +127,21 @@ def test_the_totals_only_grow_whatever_leaves_the_pool():
     pool.publish("static", [BackendSpec("static-1", "http://127.0.0.1:9999", "static")])  # moved
     pool.count_error(pool.backends["static-1"])
     assert totals() == (13, 4) and a.errors_total == 2
+
+
+def test_a_new_session_may_wait_only_for_a_replacement_on_its_way():
+    """Pool.replacing: whether a new session that finds no backend taking sessions queues
+    (a recycled backend's replacement is coming) or fails at once."""
+    pool = _pool(1)
+    assert not pool.replacing()  # nothing recycling: fail at once
+    pool.drain("static-0", "recycling: created 1 sessions", recycling=True)
+    assert not pool.could_take() and pool.replacing()  # its replacement starts next tick
+    old = pool.get("static-0")
+    old.replace_failed = True  # ...but starting it failed: nothing is coming
+    assert not pool.replacing()
+    old.replace_failed, old.replacement = False, "static-9"
+    assert pool.replacing()  # started, not in the pool yet (a local one joins once listening)
+    pool.publish("static", [old.spec, BackendSpec("static-9", "http://127.0.0.1:9009", "static")])
+    assert pool.replacing() and not pool.replacing(tried=["static-9"])  # not up yet / refused it
+    pool.record_check(pool.get("static-9"), OK)
+    assert pool.could_take() and not pool.replacing()  # up: placed there, no wait needed

@@ -108,6 +108,8 @@ async def test_a_provider_that_fails_to_recycle_stops_neither_reaping_nor_the_lo
         assert Failing.calls >= 2 and not task.done()  # retried, and the loop lives
         assert "idle" not in sessions.live  # reaped meanwhile
         assert "RECYCLE_FAILED backend=docker-1" in caplog.text
+        # and new sessions do not queue for a replacement that is not coming
+        assert backend.replace_failed and not pool.replacing()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
