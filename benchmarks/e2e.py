@@ -106,6 +106,10 @@ def run_cell(stack: Stack, contender: str, concurrency: int, *, page_url: str, w
                 for b in stats1.get("backends", [])}
         result["placement_source"] = {"direct": "client (worker -> backend)"}.get(
             contender, "client (response header naming the backend)")
+        if result.get("failed") and proxy is not None:
+            # Why, from the proxy's side too (its log is gone once the next cell starts).
+            result["proxy_warnings"] = [line for line in proxy.tail(1 << 24).splitlines()
+                                        if " WARNING " in line or " ERROR " in line][:20]
         result["spread"] = spread(result.get("live_peak", {}), N_BACKENDS)
         result["worst_vs_fair"] = worst_vs_fair(result.get("live_peak", {}), concurrency)
         return result
@@ -188,12 +192,22 @@ def paired(stack: Stack, *, page_url: str, concurrencies, warmup: float, duratio
                     r = run_cell(stack, name, c, page_url=page_url, warmup=warmup, duration=duration,
                                  sp_extra=sp_extra or [], log=log)
                     log(f"[e2e paired] C={c} round {rnd + 1} {name}: {r['sessions_per_s']} sessions/s, "
-                        f"failed {r['failed']}, proxy cpu ms/session {r['cpu_ms_per_session'].get('proxy')}")
+                        f"failed {r['failed']}, proxy cpu ms/session {r['cpu_ms_per_session'].get('proxy')}"
+                        + (f", errors {r.get('errors')} {r.get('proxy_warnings', [])[:3]}"
+                           if r["failed"] else ""))
                 except Exception as e:  # a run that cannot run is a result, not a crash
                     r = {"error": f"{type(e).__name__}: {e}"}
                     log(f"[e2e paired] C={c} round {rnd + 1} {name}: ERROR {r['error']}")
                 runs[name].append(r)
         out.append(paired_row(c, duration, runs))
+    return out
+
+
+def _merged(counts) -> dict:
+    out: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
     return out
 
 
@@ -205,6 +219,11 @@ def paired_row(concurrency: int, duration: float, runs: dict[str, list[dict]]) -
     row: dict = {"concurrency": concurrency, "rounds": len(sp), "window_s": duration,
                  "sessions_per_s": {n: [r.get("sessions_per_s") for r in rs] for n, rs in runs.items()},
                  "failed": {n: sum(r["failed"] for r in rs if "error" not in r) for n, rs in runs.items()},
+                 # each failed session's reason as the client saw it, and the proxy's warnings
+                 "failure_kinds": {n: _merged(r.get("errors") or {} for r in rs if "error" not in r)
+                                   for n, rs in runs.items()},
+                 "proxy_warnings": {n: [w for r in rs for w in r.get("proxy_warnings", [])][:20]
+                                    for n, rs in runs.items()},
                  "errors": [f"{n} round {i + 1}: {r['error']}" for n, rs in runs.items()
                             for i, r in enumerate(rs) if "error" in r]}
     for other, key in ((PAIRED[1], "vs_haproxy"), (PAIRED[2], "vs_direct")):

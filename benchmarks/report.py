@@ -105,7 +105,11 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
             out.append((f"C={conc}: sessions/s >= 0.95x no proxy", measured,
                         verdict(r is not None and r >= 0.95, f"{(0.95 - (r or 0)) * 100:.1f} points")))
         failed = sp["failed"] + pair.get("failed", {}).get(SP, 0)  # the extra rounds' too
-        out.append((f"C={conc}: zero failures", str(failed) + (" (main table and extra rounds)" if pair else ""),
+        kinds = {**(sp.get("errors") or {})}
+        for k, v in (pair.get("failure_kinds", {}).get(SP) or {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+        why = f"; as the client saw them: {', '.join(f'{k} {v}' for k, v in kinds.items())}" if failed and kinds else ""
+        out.append((f"C={conc}: zero failures", str(failed) + (" (main table and extra rounds)" if pair else "") + why,
                     verdict(failed == 0 and not sp.get("hung_workers"), f"{failed} failed")))
         s = sp.get("spread")
         out.append((f"C={conc}: spread peak/mean live sessions <= 1.1",
