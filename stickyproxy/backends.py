@@ -23,6 +23,7 @@ from .sessions import EndReason, SessionTable, reason_for_loss
 log = logging.getLogger("stickyproxy")
 
 READY, DRAIN = "ready", "drain"
+REPLACEMENT_GRACE = 60.0  # seconds a recycled backend's replacement has to come up
 
 
 @dataclass(eq=False, slots=True)
@@ -49,6 +50,7 @@ class Backend:
     recycling: bool = False
     replacement: str = ""  # id of the backend started to take its place
     replace_failed: bool = False  # starting its replacement failed on the last try
+    replace_started: float = 0.0  # when its replacement was started (monotonic)
     started: float = field(default_factory=time.monotonic)  # this generation's start
     generation_sessions: int = 0  # sessions created since `started`
 
@@ -239,12 +241,18 @@ class Pool:
 
     def replacing(self, tried: Iterable[str] = ()) -> bool:
         """Is a recycled backend's replacement on its way, so a new session may wait for it?
-        Not started yet (it starts on the lifecycle's next tick), or started and not up yet;
-        not when its start failed last time, nor when it refused this very request."""
+        Not started yet (it starts on the lifecycle's next tick), or started within
+        REPLACEMENT_GRACE and not up yet; not when its start failed last time, nor when it
+        refused this very request."""
+        now = time.monotonic()
         for b in self.backends.values():
             if not b.recycling or b.replace_failed:
                 continue
-            replacement = self.backends.get(b.replacement) if b.replacement else None
+            if not b.replacement:
+                return True
+            if now - b.replace_started > REPLACEMENT_GRACE:
+                continue  # (started, never came up: nothing to wait for)
+            replacement = self.backends.get(b.replacement)
             if replacement is None:
                 return True  # (a local one joins the pool once its port accepts connections)
             if not replacement.health.up and replacement.id not in tried:

@@ -243,8 +243,11 @@ class Lifecycle:
             self._wake.clear()
 
     def reap(self, now: float) -> None:
-        for sid, reason, detail in self.reaper.expired(self.sessions.live, now):
-            self.end(sid, reason, detail)
+        try:
+            for sid, reason, detail in self.reaper.expired(self.sessions.live, now):
+                self.end(sid, reason, detail)
+        except Exception:  # (a bug of ours: recycling, and reaping on the next tick, go on)
+            log.exception("REAP_FAILED")
 
     def _recycler(self, backend):
         provider = self.providers.get(backend.spec.source)
@@ -285,6 +288,7 @@ class Lifecycle:
             # Keep capacity: its replacement starts now, while it still serves its sessions.
             try:
                 backend.replacement = await self._recycler(backend).replace(backend.id)
+                backend.replace_started = time.monotonic()
             except Exception:
                 backend.replace_failed = True  # (new sessions do not queue for it meanwhile)
                 raise  # (logged by recycle(); the next tick tries again)
@@ -315,12 +319,20 @@ class Lifecycle:
 
     # shutdown
     async def drain_all(self, timeout: float, hurry: asyncio.Event) -> None:
-        """Let live sessions finish for up to `timeout`, then delete what remains."""
+        """Let live sessions (and new ones still being created) finish for up to `timeout`,
+        then delete what remains; with --session-key the other replicas serve it on, so it is
+        only forgotten here."""
         began = time.monotonic()
-        while len(self.sessions) and time.monotonic() < began + timeout and not hurry.is_set():
+        while ((len(self.sessions) or any(b.pending for b in self.pool))
+               and time.monotonic() < began + timeout and not hurry.is_set()):
             await asyncio.sleep(0.1)
         why = (f"still open at a second signal, {fmt(time.monotonic() - began)} after the first"
                if hurry.is_set() else f"still open {fmt(timeout)} after SIGTERM")
+        replicas = bool(getattr(self.settings, "session_key", ""))
         for sid in list(self.sessions.live):
-            self.end(sid, EndReason.SHUTDOWN, why)
+            if replicas:  # (deleting it would end it for the client behind another replica)
+                self.sessions.end(sid, EndReason.SHUTDOWN,
+                                  f"{why}; left running for the other replicas (--session-key)")
+            else:
+                self.end(sid, EndReason.SHUTDOWN, why)
         await self.flush()

@@ -139,9 +139,19 @@ def test_a_new_session_may_wait_only_for_a_replacement_on_its_way():
     old = pool.get("static-0")
     old.replace_failed = True  # ...but starting it failed: nothing is coming
     assert not pool.replacing()
-    old.replace_failed, old.replacement = False, "static-9"
+    old.replace_failed, old.replacement, old.replace_started = False, "static-9", time.monotonic()
     assert pool.replacing()  # started, not in the pool yet (a local one joins once listening)
     pool.publish("static", [old.spec, BackendSpec("static-9", "http://127.0.0.1:9009", "static")])
     assert pool.replacing() and not pool.replacing(tried=["static-9"])  # not up yet / refused it
     pool.record_check(pool.get("static-9"), OK)
     assert pool.could_take() and not pool.replacing()  # up: placed there, no wait needed
+
+
+def test_a_replacement_that_never_comes_up_is_not_waited_for():
+    pool = _pool(1)
+    pool.drain("static-0", "recycling: created 1 sessions", recycling=True)
+    old = pool.get("static-0")
+    old.replacement, old.replace_started = "static-9", time.monotonic()
+    assert pool.replacing()
+    old.replace_started -= 61  # started over a minute ago, still not in the pool
+    assert not pool.replacing()

@@ -1,3 +1,4 @@
+import asyncio
 import random
 
 import pytest
@@ -63,11 +64,8 @@ def test_fmt(seconds, text):
     assert fmt(seconds) == text
 
 
-async def test_a_provider_that_fails_to_recycle_stops_neither_reaping_nor_the_loop(caplog):
-    """replace() raising (a Docker API error: no real provider fails on cue) is logged and
-    retried on the next tick; the idle reaper runs on."""
-    import asyncio
-    import time
+def _one_backend_life(source: str = "static", providers: dict | None = None, **settings):
+    """A Lifecycle over a pool of one backend that is up (`<source>-1`), no sockets."""
     import types
 
     from stickyproxy.backends import Pool
@@ -75,6 +73,23 @@ async def test_a_provider_that_fails_to_recycle_stops_neither_reaping_nor_the_lo
     from stickyproxy.lifecycle import Lifecycle
     from stickyproxy.providers import BackendSpec
     from stickyproxy.sessions import SessionTable
+
+    sessions = SessionTable()
+    pool = Pool(1, 1, sessions)
+    pool.publish(source, [BackendSpec(f"{source}-1", "http://127.0.0.1:9", source)])
+    backend = pool.backends[f"{source}-1"]
+    pool.record_check(backend, CheckResult(True, "ok", "up"))
+    settings = types.SimpleNamespace(**{
+        "session_idle_timeout": 0, "session_max_age": 0, "recycle_after_sessions": 0,
+        "recycle_after": 0, "recycle_above_memory": 0, "max_recycling": 1, "check_timeout": 1,
+        "session_key": "", **settings})
+    return pool, sessions, backend, Lifecycle(pool, sessions, settings, providers or {})
+
+
+async def test_a_provider_that_fails_to_recycle_stops_neither_reaping_nor_the_loop(caplog):
+    """replace() raising (a Docker API error: no real provider fails on cue) is logged and
+    retried on the next tick; the idle reaper runs on."""
+    import time
 
     class Failing:
         calls = 0
@@ -86,15 +101,8 @@ async def test_a_provider_that_fails_to_recycle_stops_neither_reaping_nor_the_lo
         async def retire(self, backend_id):
             pass
 
-    sessions = SessionTable()
-    pool = Pool(1, 1, sessions)
-    pool.publish("docker", [BackendSpec("docker-1", "http://127.0.0.1:9", "docker")])
-    backend = pool.backends["docker-1"]
-    pool.record_check(backend, CheckResult(True, "ok", "up"))
-    settings = types.SimpleNamespace(
-        session_idle_timeout=0.2, session_max_age=0, recycle_after_sessions=1, recycle_after=0,
-        recycle_above_memory=0, max_recycling=1, check_timeout=1)
-    life = Lifecycle(pool, sessions, settings, {"docker": Failing()})
+    pool, sessions, backend, life = _one_backend_life(
+        "docker", {"docker": Failing()}, session_idle_timeout=0.2, recycle_after_sessions=1)
     pool.drain("docker-1", "recycling: test", recycling=True)
     now = time.monotonic()  # idle 0.2 s from now: after the first failed recycle
     sessions.pin(Session("idle", "docker-1", backend.spec.generation, now, now))
@@ -257,3 +265,48 @@ def test_the_reaper_ends_what_a_full_scan_would_and_at_most_two_ticks_later(seed
     later = now + max(idle, max_age) + 2 * tick
     assert {sid for sid, *_ in reaper.expired(live, later)} == set(live)
     assert len(reaper) == 0
+
+
+
+
+async def test_shutdown_waits_for_a_new_session_still_being_created():
+    """A session whose creation was under way at SIGTERM used to be pinned after the sweep and
+    left on its backend, never ended nor counted."""
+    import time
+
+    pool, sessions, backend, life = _one_backend_life()
+    backend.upstream = None  # (nothing to DELETE on: the pins are what is checked)
+    assert pool.pick(None) == "static-1"  # a new session on its way
+    drained = asyncio.ensure_future(life.drain_all(5, asyncio.Event()))
+    await asyncio.sleep(0.3)
+    assert not drained.done()  # it waits for the answer...
+    now = time.monotonic()
+    sessions.pin(Session("late", "static-1", backend.spec.generation, now, now))
+    pool.release("static-1")
+    hurry = asyncio.Event()
+    await asyncio.sleep(0.3)
+    assert not drained.done()  # ...then for the session itself, as for any live one
+    drained.cancel()
+    await life.drain_all(0, hurry)
+    assert sessions.why_ended("late").reason is EndReason.SHUTDOWN
+
+
+async def test_a_replica_leaves_its_sessions_running_for_the_others():
+    """With --session-key every replica serves every session: one stopping must not delete
+    them on the backends (the clients behind the other replicas would lose them)."""
+    import time
+
+    pool, sessions, backend, life = _one_backend_life(session_key="k")
+    deleted = []
+    life.delete = lambda b, sid: deleted.append(sid)
+    now = time.monotonic()
+    sessions.pin(Session("shared", "static-1", backend.spec.generation, now, now))
+    await life.drain_all(0, asyncio.Event())
+    ended = sessions.why_ended("shared")
+    assert ended.reason is EndReason.SHUTDOWN and "other replicas" in ended.detail
+    assert deleted == []
+    pool2, sessions2, backend2, life2 = _one_backend_life()  # without a key: deleted
+    life2.delete = lambda b, sid: deleted.append(sid)
+    sessions2.pin(Session("own", "static-1", backend2.spec.generation, now, now))
+    await life2.drain_all(0, asyncio.Event())
+    assert deleted == ["own"]
