@@ -14,10 +14,18 @@ import base64
 import hashlib
 import hmac
 import os
+import re
+import time
 from dataclasses import dataclass
 
 SCHEME = "pbkdf2_sha256"
 ITERATIONS = 200_000
+# Password hashes computed per second at most, for everyone together. Each is ~40 ms of the
+# event loop (PBKDF2, by design slow), and an unauthenticated caller can ask for as many as it
+# likes: unbounded, a few connections of wrong passwords stalled every client for seconds. A
+# user's good password is hashed once (then remembered), so only new logins ever wait.
+SLOW_CHECKS_PER_SECOND = 5
+_STORED = re.compile(rf"{SCHEME}\$([1-9][0-9]{{0,8}})\$((?:[0-9a-f]{{2}})+)\$((?:[0-9a-f]{{2}})+)")
 
 
 def hash_password(password: str, iterations: int = ITERATIONS, salt: bytes | None = None) -> str:
@@ -39,14 +47,19 @@ def check_password(password: str, stored: str) -> bool:
 
 
 def parse_users(text: str) -> dict[str, str]:
+    """name -> stored hash. A line that could never match a password (another scheme, fields
+    that are not hex) or a name given twice stops start-up instead of locking its user out."""
     users = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         name, sep, stored = line.partition(":")
-        if not sep or not name or stored.count("$") != 3:
-            raise ValueError(f"line {number}: expected name:{SCHEME}$ITERATIONS$SALT$HASH")
+        if not sep or not name or not _STORED.fullmatch(stored):
+            raise ValueError(f"line {number}: expected name:{SCHEME}$ITERATIONS$SALT_HEX$HASH_HEX "
+                             "(as `stickyproxy hash-password` writes)")
+        if name in users:
+            raise ValueError(f"line {number}: user {name!r} is already given")
         users[name] = stored
     return users
 
@@ -56,17 +69,25 @@ class Verdict:
     ok: bool
     principal: str = ""  # who, as a fingerprint; never the secret
     reason: str = ""  # why not, for the log and the client
+    busy: bool = False  # not checked: too many password checks this second (retry shortly)
 
 
 class Authenticator:
     """None of the two configured: everyone is the same anonymous principal."""
 
-    def __init__(self, token: str = "", users: dict[str, str] | None = None) -> None:
+    def __init__(self, token: str = "", users: dict[str, str] | None = None,
+                 slow_per_second: float = SLOW_CHECKS_PER_SECOND, clock=time.monotonic) -> None:
         self.token = token.encode()
         self.users = users or {}
         # Checking a password is deliberately slow (PBKDF2); remember good ones by fingerprint.
         self._good: dict[bytes, str] = {}
         self.enabled = bool(self.token or self.users)  # read for every request: an attribute
+        # An unknown user costs what a known one does (else the time tells which names exist):
+        # a hash of the users' own strength, made once.
+        most = max((int(s.split("$")[1]) for s in self.users.values()), default=0)
+        self._dummy = hash_password(os.urandom(8).hex(), most) if most else ""
+        self._rate, self._clock = slow_per_second, clock
+        self._budget, self._last = float(slow_per_second), clock()
 
     def check(self, authorization: str | None) -> Verdict:
         if not self.enabled:
@@ -91,14 +112,27 @@ class Authenticator:
             return self._check_user(user, password)
         return Verdict(False, reason=f"unsupported scheme {scheme[:20]!r}")
 
+    def _slow_check_allowed(self) -> bool:
+        """A token bucket of SLOW_CHECKS_PER_SECOND (a burst of as many)."""
+        now = self._clock()
+        self._budget = min(self._rate, self._budget + (now - self._last) * self._rate)
+        self._last = now
+        if self._budget < 1:
+            return False
+        self._budget -= 1
+        return True
+
     def _check_user(self, user: str, password: str) -> Verdict:
         stored = self.users.get(user)
-        if stored is None:
-            check_password(password, hash_password("x", 1000))  # same work as a known user
-            return Verdict(False, reason="unknown user or wrong password")
         key = hashlib.sha256(f"{user}\0{password}\0{stored}".encode()).digest()
-        if key in self._good:
+        if stored is not None and key in self._good:
             return Verdict(True, self._good[key])
+        if not self._slow_check_allowed():
+            return Verdict(False, reason="too many password checks at once; retry shortly",
+                           busy=True)
+        if stored is None:
+            check_password(password, self._dummy)  # same work as a known user
+            return Verdict(False, reason="unknown user or wrong password")
         if not check_password(password, stored):
             return Verdict(False, reason="unknown user or wrong password")
         principal = "user:" + user

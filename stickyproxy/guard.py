@@ -38,6 +38,12 @@ class Guard:
         return WebDriverError(401, "unknown error", f"stickyproxy: authentication required ({why})",
                               {"WWW-Authenticate": WWW_AUTHENTICATE})
 
+    @staticmethod
+    def auth_busy() -> WebDriverError:
+        return WebDriverError(429, "unknown error",
+                              "stickyproxy: too many password checks at once (each is slow on "
+                              "purpose); retry in 1s", {"Retry-After": "1"})
+
     def too_large(self, size: int | None) -> WebDriverError:
         got = f"{size} bytes" if size is not None else "more"
         return WebDriverError(413, "invalid argument",

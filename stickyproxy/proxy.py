@@ -170,7 +170,8 @@ def _route(request: Request, app: App, timing: Timing) -> Reply | Awaitable[Repl
     if guard.auth.enabled and route.kind is not Kind.STATUS:
         verdict = guard.auth.check(request.headers.get("authorization"))
         if not verdict.ok:
-            raise guard.refuse("auth", guard.unauthenticated(verdict.reason), request.remote)
+            raise guard.refuse("auth", guard.auth_busy() if verdict.busy
+                               else guard.unauthenticated(verdict.reason), request.remote)
         request.principal = verdict.principal
     length = request.content_length
     if length is not None and length > guard.max_body:

@@ -42,10 +42,50 @@ def test_users_file():
     assert not auth.check("Bearer lovelace").ok
 
 
-@pytest.mark.parametrize("text", ["ada", "ada:plain", "ada:md5$x"])
+@pytest.mark.parametrize("text", [
+    "ada", "ada:plain", "ada:md5$x",
+    "ada:pbkdf2_sha256$abc$zz$yy",  # three dollars, but nothing a password can ever match
+    "ada:bcrypt$1$2$3",
+    "ada:pbkdf2_sha256$1000$0a1b$xyz0",
+])
 def test_bad_users_file_lines_are_refused(text):
     with pytest.raises(ValueError, match="line 1"):
         parse_users(text)
+
+
+def test_a_user_given_twice_is_refused():
+    line = "ada:" + hash_password("x", iterations=1000)
+    with pytest.raises(ValueError, match="line 2: user 'ada' is already given"):
+        parse_users(f"{line}\n{line}\n")
+
+
+def test_an_unknown_user_costs_what_a_known_one_does(monkeypatch):
+    """The time of a refusal must not tell which user names exist (it took 1,000 iterations
+    for an unknown name against the users' 200,000: 1 ms against 40)."""
+    import hashlib
+
+    auth = Authenticator(users={"ada": hash_password("lovelace", iterations=2000)})
+    spent = []
+    real = hashlib.pbkdf2_hmac
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac",
+                        lambda name, pw, salt, n: spent.append(n) or real(name, pw, salt, n))
+    assert not auth.check(basic("ada", "wrong")).ok
+    assert not auth.check(basic("nobody", "wrong")).ok
+    assert spent == [2000, 2000]
+
+
+def test_password_checks_are_bounded_per_second_but_known_logins_are_not():
+    """Each check is ~40 ms of the event loop: an unauthenticated caller could ask for as many
+    as it liked and stall every client. Past the budget the answer is 'retry shortly'."""
+    now = [0.0]
+    auth = Authenticator(users={"ada": hash_password("lovelace", iterations=1000)},
+                         slow_per_second=3, clock=lambda: now[0])
+    assert auth.check(basic("ada", "lovelace")).ok  # 1 of 3 (then remembered)
+    verdicts = [auth.check(basic("eve", f"guess{i}")) for i in range(4)]
+    assert [v.busy for v in verdicts] == [False, False, True, True]
+    assert auth.check(basic("ada", "lovelace")).ok  # remembered: no check, never refused
+    now[0] += 1.0  # a second later, the budget is back
+    assert not auth.check(basic("eve", "again")).busy
 
 
 def test_password_hashes_are_salted_and_checked():

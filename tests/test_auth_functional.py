@@ -71,6 +71,30 @@ def test_sessions_belong_to_the_user_that_created_them(stickyproxy, shared_phant
     assert http_json(f"{proxy.url}/session/{sid}", "DELETE", headers=alice)[0] == 200
 
 
+def test_a_flood_of_wrong_passwords_is_bounded_and_known_users_go_on(stickyproxy,
+                                                                      shared_phantoms,
+                                                                      users_file):
+    """Each password check is slow on purpose (PBKDF2, ~40 ms of the event loop): a flood of
+    wrong ones, which needs no credentials, stalled every client. Past a few checks a second
+    the answer is 429 'retry shortly' without hashing; a user already logged in is not held."""
+    proxy = stickyproxy("--backend", shared_phantoms[0].url, "--auth-users", users_file,
+                        "--check-interval", "1s")
+    wait_up(proxy, 1)
+    alice = basic("alice", "wonderland")
+    status, body, _ = http_json(proxy.url + "/session", "POST", NEW, alice)
+    assert status == 200
+    sid = body["sessionId"]
+    statuses = [http_json(f"{proxy.url}/session/{sid}/url", headers=basic("mallory", f"guess{i}"))
+                for i in range(30)]
+    assert {s for s, _, _ in statuses} <= {401, 429}
+    refused_busy = [h for s, _, h in statuses if s == 429]
+    assert refused_busy and all(h["Retry-After"] == "1" for h in refused_busy)
+    # (30 requests take well under the 6 s that would let 30 checks through the budget)
+    assert sum(s == 401 for s, _, _ in statuses) < 20
+    assert http_json(f"{proxy.url}/session/{sid}/url", headers=alice)[0] == 200  # remembered
+    assert http_json(f"{proxy.url}/session/{sid}", "DELETE", headers=alice)[0] == 200
+
+
 def test_bad_users_file_stops_start_up(tmp_path):
     import subprocess
     import sys
