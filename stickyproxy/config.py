@@ -64,6 +64,12 @@ def parse_url(text: str) -> str:
     text = str(text).strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+(/\S*)?$", text):
         raise ValueError(f"not an http(s) URL: {text!r}")
+    if "@" in text.split("/", 3)[2]:
+        # A backend URL is shown in /stats, /metrics and the log, and credentials in it would
+        # reach the backend only as part of its Host header: refused, said without them.
+        raise ValueError(f"credentials in a backend URL are not supported (they would be shown "
+                         f"on the stats port): {text.split('//', 1)[0]}//…@"
+                         f"{text.split('/', 3)[2].rpartition('@')[2]}")
     return text
 
 

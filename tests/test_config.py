@@ -54,6 +54,10 @@ def test_command_line_beats_environment_beats_file():
     ({}, {}, {"fall": 0}, "config file fall"),
     ({}, {}, {"colour": "blue"}, "unknown option 'colour'"),
     ({"backend": ["ftp://x"]}, {}, {}, "--backend"),
+    # credentials would be shown on the stats port (and the message must not repeat them)
+    ({"backend": ["http://user:pa55word@127.0.0.1:9"]}, {}, {}, r"--backend: credentials in a "
+     r"backend URL are not supported \(they would be shown on the stats port\): "
+     r"http://…@127\.0\.0\.1:9$"),
     ({"listen": "8910"}, {}, {}, "HOST:PORT"),
     ({"local": "0"}, {}, {}, "no backends"),
 ])
