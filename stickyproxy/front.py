@@ -77,6 +77,10 @@ class BodyTooLarge(Exception):
     """A body without a declared length grew past the limit while it arrived."""
 
 
+class UploadsFull(BodyTooLarge):
+    """Bodies being received, all connections together, would pass the port's `max_held`."""
+
+
 class ClientGone(ConnectionResetError):
     """The client closed its connection before its request's body had all arrived."""
 
@@ -84,7 +88,7 @@ class ClientGone(ConnectionResetError):
 class Body:
     """A request body as it arrives from the connection."""
 
-    __slots__ = ("_parts", "_size", "done", "_waiter", "_error", "_conn", "_limit")
+    __slots__ = ("_parts", "_size", "done", "_waiter", "_error", "_conn", "_limit", "_held")
 
     def __init__(self, conn: "Connection", limit: int) -> None:
         self._parts: list[bytes] = []
@@ -93,16 +97,36 @@ class Body:
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._conn, self._limit = conn, limit
+        self._held = 0  # of the port's `held`: what _parts holds
 
     def feed(self, data: bytes) -> None:
-        # Bodies are read whole (a backend is sent a length): the limit bounds what is held.
+        # Bodies are read whole (a backend is sent a length): the limit bounds what is held,
+        # per body and (stalled uploads of many connections) for the port as a whole.
         self._size += len(data)
         if self._size > self._limit:
             self._error = BodyTooLarge()
-            self._parts.clear()
+            self._release()
         elif self._error is None:
-            self._parts.append(data)
+            port = self._conn.port
+            if port.held + len(data) > port.max_held:
+                self._error = UploadsFull()
+                self._release()
+            else:
+                self._parts.append(data)
+                self._held += len(data)
+                port.held += len(data)
         self._wake()
+
+    def _release(self) -> None:
+        self._parts = []
+        if self._held:
+            self._conn.port.held -= self._held
+            self._held = 0
+
+    def __del__(self) -> None:
+        # (a body nobody read: its request refused before, or its handler failed)
+        if self._held:
+            self._conn.port.held -= self._held
 
     def finish(self) -> None:
         self.done = True
@@ -111,6 +135,7 @@ class Body:
     def fail(self, exc: BaseException) -> None:
         if not self.done:
             self._error = exc
+            self._release()
             self._wake()
 
     def _wake(self) -> None:
@@ -136,7 +161,7 @@ class Body:
         if not self.done or self._error is not None:
             return None
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        self._parts = []
+        self._release()  # (the handler has it now, on its way to a backend)
         return data
 
     async def read(self) -> bytes:
@@ -271,12 +296,15 @@ class Port:
     def __init__(self, handler: Handler, *, app: object = None, idle_timeout: float,
                  max_header_size: int,
                  max_body: int, max_connections: int = 0, outbox: Outbox | None = None,
-                 not_forwarded: frozenset[bytes] = HOP_BY_HOP,
+                 not_forwarded: frozenset[bytes] = HOP_BY_HOP, max_held: int = 0,
                  on_bad_request: Callable[[str | None, str | None], tuple[int, list[Header], bytes]],
                  on_too_many: Callable[[str | None], tuple[int, list[Header], bytes]]) -> None:
         self.handler, self.app = handler, app
         self.idle_timeout, self.max_header_size = idle_timeout, max_header_size
         self.max_body, self.max_connections = max_body, max_connections
+        # Request bodies held at once, all connections together: stalled uploads of --max-body
+        # each must not take the host's memory (three 60 MiB ones held 180 MiB before).
+        self.held, self.max_held = 0, max_held or 4 * max_body
         # Request headers kept from the backend: hop-by-hop ones, and stickyproxy's own
         # credentials when it checks them (they are for stickyproxy, not for the backends).
         self.not_forwarded = not_forwarded

@@ -39,6 +39,13 @@ class Guard:
                               {"WWW-Authenticate": WWW_AUTHENTICATE})
 
     @staticmethod
+    def uploads_full() -> WebDriverError:
+        return WebDriverError(503, "unknown error",
+                              "stickyproxy holds as many request bodies as it may at once "
+                              "(4x --max-body, all clients together); retry shortly",
+                              {"Retry-After": "1"})
+
+    @staticmethod
     def auth_busy() -> WebDriverError:
         return WebDriverError(429, "unknown error",
                               "stickyproxy: too many password checks at once (each is slow on "

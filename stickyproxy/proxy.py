@@ -18,7 +18,7 @@ from typing import AsyncIterator, Awaitable
 
 from . import bridge, routes, webdriver
 from .backends import Backend, Pool
-from .front import LATER, BadRequest, BodyTooLarge, ClientGone, Header, Port, Request
+from .front import LATER, BadRequest, BodyTooLarge, ClientGone, Header, Port, Request, UploadsFull
 from .guard import Guard
 from .lifecycle import Lifecycle, fmt
 from .metrics import Metrics, Timing
@@ -203,8 +203,13 @@ async def _body(request: Request, guard: Guard) -> bytes | None:
         return None
     try:
         return await request.read()
-    except BodyTooLarge:  # (a declared length over the limit was refused before)
-        raise guard.refuse("body_too_large", guard.too_large(None), request.remote) from None
+    except BodyTooLarge as exc:  # (a declared length over the limit was refused before)
+        raise _refused_body(guard, exc, request) from None
+
+
+def _refused_body(guard: Guard, exc: BodyTooLarge, request: Request) -> WebDriverError:
+    return guard.refuse("body_too_large", guard.uploads_full() if isinstance(exc, UploadsFull)
+                        else guard.too_large(None), request.remote)
 
 
 def _session_command(request: Request, app: App, sid: str, kind: Kind,
@@ -539,9 +544,8 @@ async def _new_session(request: Request, app: App, new: NewSession | None = None
     if new is None:
         try:
             body = await request.read()
-        except BodyTooLarge:
-            raise app.guard.refuse("body_too_large", app.guard.too_large(None),
-                                   request.remote) from None
+        except BodyTooLarge as exc:
+            raise _refused_body(app.guard, exc, request) from None
         new = _new_session_request(request, body)
     cookie, w3c_client = new.cookie, new.w3c_client
     if backend_id is _ADMIT:

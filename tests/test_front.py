@@ -362,6 +362,31 @@ async def test_an_answer_without_a_body_has_no_length_nor_chunks(port, target):
     assert status == 200 and json.loads(body)["target"] == "/a"
 
 
+async def test_bodies_held_at_once_are_bounded_for_the_whole_port(port):
+    """Each stalled upload held up to --max-body, and nothing bounded their sum: a few clients
+    could take the host's memory. Past `max_held` (4x max_body by default; 130 bytes here,
+    for the fixture's 3 connections) a body is refused; what stalled uploads held is given
+    back when their clients leave."""
+    assert port.max_held == 4 * 64  # (the default)
+    port.max_held = 130
+    stalled = []
+    for _ in range(2):  # 2 x 63 bytes held, of 130
+        reader, writer = await connect(port)
+        writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 64\r\n\r\n" + b"s" * 63)
+        stalled.append(writer)
+    await eventually(lambda: port.held == 2 * 63)
+    reader, writer = await connect(port)
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
+    assert (await read_answer(reader))[0] == 413  # (the test's handler: the proxy says 503)
+    for w in stalled:
+        w.close()
+    await eventually(lambda: port.held == 0)
+    reader, writer = await connect(port)
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
+    assert json.loads((await read_answer(reader))[2])["body"] == "0123456789"
+    assert port.held == 0  # (read whole: nothing left counted)
+
+
 async def test_garbage_after_a_good_request_is_answered_after_it(port):
     reader, writer = await connect(port)
     writer.write(get("/slow?s=0.1") + b"NOT HTTP AT ALL\r\n\r\n")

@@ -381,10 +381,10 @@ def fake_backend():
         backend.close()
 
 
-def behind_one_proxy(stickyproxy, fake_backend):
+def behind_one_proxy(stickyproxy, fake_backend, *extra):
     """A fake backend alone behind a proxy that checks it rarely (its mode is the test's)."""
     fake = fake_backend()
-    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s")
+    proxy = stickyproxy("--backend", fake.url, "--check-interval", "60s", *extra)
     wait_up(proxy, 1)
     return fake, proxy
 
@@ -514,6 +514,32 @@ def test_an_answer_without_a_body_is_passed_on_without_one(stickyproxy, fake_bac
         while b"\r\n\r\n" not in rest:
             rest += sock.recv(65536)
         assert rest.startswith(b"HTTP/1.1 200 ")  # the next answer, nothing between
+
+
+def test_stalled_uploads_cannot_hold_more_than_four_max_bodies(stickyproxy, fake_backend):
+    """Bodies are read whole before a backend is asked; a few clients stalling uploads of
+    --max-body each took the proxy's memory without bound (3 x 60 MiB: +180 MiB)."""
+    fake, proxy = behind_one_proxy(stickyproxy, fake_backend, "--max-body", "1k")
+    stalled = []
+    try:
+        for _ in range(4):  # 4 x 1000 bytes held, of 4 KiB
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+            sock.sendall(b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Length: 1024\r\n\r\n"
+                         + b"{" * 1000)
+            stalled.append(sock)
+        # (nothing answers the stalled ones: a 300-byte probe that is no JSON gets 400 until
+        # their bytes have all arrived, then 503)
+        answer = wait_for(lambda: (lambda a: a if a[0] == 503 else None)(
+            raw(proxy.port, request("POST", "/session", b"y" * 300))), 10, what="503")
+        status, headers, body = answer
+        assert headers["retry-after"] == "1"
+        assert "as many request bodies as it may at once" in json.loads(body)["value"]["message"]
+        assert proxy.stats()["refused"]["body_too_large"] == 1
+    finally:
+        for sock in stalled:
+            sock.close()
+    wait_for(lambda: http_json(proxy.url + "/session", "POST", NEW)[0] == 200, 10,
+             what="uploads accepted again once the stalled ones left")
 
 
 @pytest.mark.parametrize("payload", [NEW, W3C_NEW], ids=["jsonwp", "w3c-bridged"])
