@@ -18,6 +18,8 @@ import re
 import time
 from dataclasses import dataclass
 
+from .ratelimit import RateLimiter
+
 SCHEME = "pbkdf2_sha256"
 ITERATIONS = 200_000
 # Password hashes computed per second at most, for everyone together. Each is ~40 ms of the
@@ -86,8 +88,7 @@ class Authenticator:
         # a hash of the users' own strength, made once.
         most = max((int(s.split("$")[1]) for s in self.users.values()), default=0)
         self._dummy = hash_password(os.urandom(8).hex(), most) if most else ""
-        self._rate, self._clock = slow_per_second, clock
-        self._budget, self._last = float(slow_per_second), clock()
+        self._slow_checks, self._clock = RateLimiter(slow_per_second, slow_per_second), clock
 
     def check(self, authorization: str | None) -> Verdict:
         if not self.enabled:
@@ -112,22 +113,14 @@ class Authenticator:
             return self._check_user(user, password)
         return Verdict(False, reason=f"unsupported scheme {scheme[:20]!r}")
 
-    def _slow_check_allowed(self) -> bool:
-        """A token bucket of SLOW_CHECKS_PER_SECOND (a burst of as many)."""
-        now = self._clock()
-        self._budget = min(self._rate, self._budget + (now - self._last) * self._rate)
-        self._last = now
-        if self._budget < 1:
-            return False
-        self._budget -= 1
-        return True
-
     def _check_user(self, user: str, password: str) -> Verdict:
+        if not self.users:  # (token only: a wrong token costs nothing to refuse)
+            return Verdict(False, reason="unknown user or wrong password")
         stored = self.users.get(user)
         key = hashlib.sha256(f"{user}\0{password}\0{stored}".encode()).digest()
         if stored is not None and key in self._good:
             return Verdict(True, self._good[key])
-        if not self._slow_check_allowed():
+        if self._slow_checks.take("all clients", self._clock()):
             return Verdict(False, reason="too many password checks at once; retry shortly",
                            busy=True)
         if stored is None:

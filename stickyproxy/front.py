@@ -40,7 +40,8 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 import httptools
 
 from .outbox import Outbox
-from .upstream import _USUAL_OPTIONS, HOP_BY_HOP, listed_in_connection, without_headers
+from .upstream import (HOP_BY_HOP, USUAL_CONNECTION_OPTIONS, listed_in_connection,
+                       without_headers)
 
 log = logging.getLogger("stickyproxy")
 
@@ -296,7 +297,7 @@ class Port:
     def __init__(self, handler: Handler, *, app: object = None, idle_timeout: float,
                  max_header_size: int,
                  max_body: int, max_connections: int = 0, outbox: Outbox | None = None,
-                 not_forwarded: frozenset[bytes] = HOP_BY_HOP, max_held: int = 0,
+                 not_forwarded: frozenset[bytes] = HOP_BY_HOP,
                  on_bad_request: Callable[[str | None, str | None], tuple[int, list[Header], bytes]],
                  on_too_many: Callable[[str | None], tuple[int, list[Header], bytes]]) -> None:
         self.handler, self.app = handler, app
@@ -304,7 +305,9 @@ class Port:
         self.max_body, self.max_connections = max_body, max_connections
         # Request bodies held at once, all connections together: stalled uploads of --max-body
         # each must not take the host's memory (three 60 MiB ones held 180 MiB before).
-        self.held, self.max_held = 0, max_held or 4 * max_body
+        self.held, self.max_held = 0, 4 * max_body
+        # a line being received past this is refused (see Connection._unparsed)
+        self.head_limit = 2 * max_header_size + 256
         # Request headers kept from the backend: hop-by-hop ones, and stickyproxy's own
         # credentials when it checks them (they are for stickyproxy, not for the backends).
         self.not_forwarded = not_forwarded
@@ -350,7 +353,7 @@ class Connection(asyncio.Protocol):
                  "_starting", "closing", "broken", "paused", "_drain", "_idle", "last_active",
                  "_refused", "lingering", "_linger_until", "_url", "_headers", "_forward",
                  "_length", "_chunked", "_expect", "_listed", "_parsing", "_not_forwarded",
-                 "_unparsed", "_head_limit", "_continue_due")
+                 "_unparsed", "_continue_due")
 
     def __init__(self, port: Port) -> None:
         self.port = port
@@ -386,7 +389,6 @@ class Connection(asyncio.Protocol):
         # last (quadratic): a header that never ends must be refused while it grows, not once
         # it is whole. Counted per read, not per header: the hot path pays one rfind.
         self._unparsed = 0
-        self._head_limit = 2 * port.max_header_size + 256
         self._continue_due: Request | None = None  # its 100 Continue waits for earlier answers
 
     # --- connection ----------------------------------------------------------------------------
@@ -451,7 +453,7 @@ class Connection(asyncio.Protocol):
             cause = exc.__context__ if isinstance(exc.__context__, BadRequest) else exc
             self._bad(str(cause) or type(cause).__name__)
         else:
-            if partial and self._unparsed > self._head_limit:
+            if partial and self._unparsed > self.port.head_limit:
                 self._bad(f"a request line or header longer than {self.port.max_header_size} "
                           f"bytes (--max-header-size)")
         # Handlers start here, after the parser is done with the data, never inside its callbacks.
@@ -616,7 +618,7 @@ class Connection(asyncio.Protocol):
             self._chunked = True
         elif lower == b"expect" and value.lower() == b"100-continue":
             self._expect = True
-        elif (lower == b"connection" and value.lower() not in _USUAL_OPTIONS
+        elif (lower == b"connection" and value.lower() not in USUAL_CONNECTION_OPTIONS
               and (listed := listed_in_connection(value))):
             # (for this hop only: dropped once the head is whole; several Connection headers add up)
             self._listed = listed if self._listed is None else self._listed | listed

@@ -453,13 +453,16 @@ def _sent_body(new: NewSession, backend: Backend) -> bytes:
     return json.dumps(bridge.new_session_request(with_chrome_args(new.payload, chrome_args))).encode()
 
 
+_CONTENT_TYPE = frozenset({b"content-type"})
+
+
 def _sent_headers(request: Request, new: NewSession) -> bytes:
     if not new.w3c_client:
         return request.forward
     # The body was rewritten: its length is recomputed by upstream, its type stays JSON. The
     # rest as forwarded (front.py dropped hop-by-hop headers, those Connection lists, and
     # stickyproxy's own credentials).
-    return (without_headers(request.forward, frozenset({b"content-type"}))
+    return (without_headers(request.forward, _CONTENT_TYPE)
             + b"Content-Type: application/json; charset=utf-8\r\n")
 
 
@@ -667,7 +670,7 @@ async def _wait_for_slot(request: Request, app: App, cookie: str | None,
 
 
 async def _attempt(request: Request, app: App, backend: Backend,
-                   headers: bytes | list[Header], body: bytes) -> tuple[Response, bytes]:
+                   headers: bytes, body: bytes) -> tuple[Response, bytes]:
     answer = await request.timing.on_backend(backend.upstream.request(
         "POST", request.target, headers, body, timeout=app.timeout, replay_stale=True))
     return await _rest_of(request, answer)

@@ -44,13 +44,13 @@ HOP_BY_HOP = frozenset({
     b"content-length", b"expect",
 })
 
-_USUAL_OPTIONS = frozenset({b"keep-alive", b"close", b""})
+USUAL_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})
 
 
 def listed_in_connection(value: bytes) -> frozenset[bytes]:
     """The header names a Connection header makes hop-by-hop (RFC 9110 7.6.1), beyond the
     usual keep-alive and close: they are for this hop only, never passed on."""
-    return frozenset(t.strip().lower() for t in value.split(b",")) - _USUAL_OPTIONS
+    return frozenset(t.strip().lower() for t in value.split(b",")) - USUAL_CONNECTION_OPTIONS
 
 
 def without_headers(lines: bytes, names: frozenset[bytes]) -> bytes:
@@ -107,7 +107,7 @@ class _Reader:
         elif lower == b"transfer-encoding":
             # Chunked only when that is its last coding; else the body runs to the close.
             self.conn.chunked = value.rstrip().lower().endswith(b"chunked")
-        elif (lower == b"connection" and value.lower() not in _USUAL_OPTIONS
+        elif (lower == b"connection" and value.lower() not in USUAL_CONNECTION_OPTIONS
               and (listed := listed_in_connection(value))):
             self.listed = listed if self.listed is None else self.listed | listed
 
@@ -141,6 +141,8 @@ class _Reader:
             conn._wake()
 
     def on_message_complete(self) -> None:
+        if self.listed is not None:
+            self.listed = None  # (named by a trailer: nothing of the next answer this reader reads)
         conn = self.conn
         if conn.status < 200:
             # An interim answer, which a client must read past (RFC 9110 15.2) though it asked
@@ -349,8 +351,8 @@ class _Connection(asyncio.Protocol):
             if self._exc is not None:
                 raise self._exc
             self._waiter = waiter = self._loop.create_future()
-            timer = (self._loop.call_later(timeout, _stalled, waiter, timeout)
-                     if timeout else None)
+            timer = (self._loop.call_later(timeout, _expire, waiter, TimeoutError(
+                f"no byte of the answer's body for {timeout:g}s")) if timeout else None)
             try:
                 await waiter
             finally:
@@ -369,14 +371,9 @@ _NEVER = float("inf")
 _SLACK = 0.001  # a timer may fire up to a millisecond early (the loop's clock resolution)
 
 
-def _expire(future: asyncio.Future) -> None:
+def _expire(future: asyncio.Future, exc: BaseException | None = None) -> None:
     if not future.done():
-        future.set_exception(TimeoutError())
-
-
-def _stalled(future: asyncio.Future, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError(f"no byte of the answer's body for {timeout:g}s"))
+        future.set_exception(exc or TimeoutError())
 
 
 class Slots:

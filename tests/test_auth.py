@@ -88,6 +88,13 @@ def test_password_checks_are_bounded_per_second_but_known_logins_are_not():
     assert not auth.check(basic("eve", "again")).busy
 
 
+def test_with_a_token_only_a_wrong_basic_password_is_refused_at_once():
+    """No users: nothing slow to bound, so a flood of wrong tokens gets 401, never 429."""
+    auth = Authenticator(token="T0k3n", slow_per_second=1, clock=lambda: 0.0)
+    verdicts = [auth.check(basic("anyone", f"guess{i}")) for i in range(5)]
+    assert not any(v.ok or v.busy for v in verdicts)
+
+
 def test_password_hashes_are_salted_and_checked():
     a, b = hash_password("x", 1000), hash_password("x", 1000)
     assert a != b and check_password("x", a) and check_password("x", b)
